@@ -159,9 +159,14 @@ class MonitorEvent(FlyModel):
     exit_event: ExitEvent | None = None
 
 
+# The field below is named like the class (it is the API's JSON key), which would shadow the
+# class while pydantic evaluates the annotation; this alias keeps the type reachable.
+_MonitorEvent = MonitorEvent
+
+
 class MachineRequest(FlyModel):
     exit_event: ExitEvent | None = None
-    MonitorEvent: MonitorEvent | None = None
+    MonitorEvent: _MonitorEvent | None = None
     restart_count: int | None = None
 
 

@@ -1,0 +1,199 @@
+"""The core every endpoint goes through: configuration, the HTTP pool, and ``_request``.
+
+``_request`` is the one way a call is sent: rate limit (``ratelimit.py``), one HTTP exchange,
+mapping of a failure to an exception (``errors.py``), and the retry policy (``retry.py``).
+``AsyncMachinesClient`` (client.py) adds the endpoints on top.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from jobrunner import __version__
+from jobrunner.errors import ConfigError
+from jobrunner.machines._requests import Params, parse_json
+from jobrunner.machines.clock import SYSTEM_CLOCK, Clock
+from jobrunner.machines.config import ClientConfig
+from jobrunner.machines.errors import MachinesConnectionError, error_from_response
+from jobrunner.machines.ratelimit import RateLimiter
+from jobrunner.machines.retry import RetryPolicy, is_transient, nothing_happened, retry_call
+
+__all__ = ["NONCE_HEADER", "ClientBase"]
+
+log = logging.getLogger("jobrunner.machines.client")
+
+NONCE_HEADER = "fly-machine-lease-nonce"
+
+
+class ClientBase:
+    """Configuration, connection pool and request sending shared by every endpoint method."""
+
+    def __init__(
+        self,
+        app: str | None = None,
+        *,
+        token: str | None = None,
+        base_url: str | None = None,
+        logs_base_url: str | None = None,
+        config: ClientConfig | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retry: RetryPolicy | None = None,
+        rate_limit: bool = True,
+        timeout: float = 30.0,
+        user_agent: str | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self._config = (config or ClientConfig()).with_overrides(
+            app=app, token=token, base_url=base_url, logs_base_url=logs_base_url
+        )
+        self._retry = retry or RetryPolicy()
+        self._clock = clock or SYSTEM_CLOCK
+        self._limiter = RateLimiter(self._clock) if rate_limit else None
+        self._timeout = timeout
+        # One pool for both APIs; its cookie jar keeps the API's affinity cookie between calls.
+        # No cap on connections: every wait holds one open for up to 60 s, and a worker may
+        # wait on a thousand machines at once; a cap would starve every other call behind them.
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+            headers={
+                "User-Agent": user_agent or f"jobrunner/{__version__}",
+                "Accept": "application/json",
+            },
+        )
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Self:
+        """A client configured from the environment (see ``ClientConfig.from_env``).
+
+        Keyword arguments are passed to the constructor and win over the environment.
+        """
+        config = overrides.pop("config", None) or ClientConfig.from_env()
+        return cls(config=config, **overrides)
+
+    @property
+    def config(self) -> ClientConfig:
+        """The addresses, token holder and default app in use."""
+        return self._config
+
+    def __repr__(self) -> str:
+        token = "set" if self._config.token else "none"
+        return (
+            f"{type(self).__name__}(app={self._config.app!r}, base_url={self._config.base_url!r}, "
+            f"logs_base_url={self._config.logs_base_url!r}, token={token})"
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    def _app(self, app: str | None) -> str:
+        chosen = app or self._config.app
+        if not chosen:
+            raise ConfigError("no Fly app given: pass app=... or set FLY_APP")
+        return chosen
+
+    def _headers(self, nonce: str | None) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        authorization = self._config.authorization
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        if nonce is not None:
+            headers[NONCE_HEADER] = nonce
+        return headers
+
+    async def _json(self, method: str, path: str, *, what: str, **kwargs: Any) -> Any:
+        """``_request`` and decode the JSON answer (None for an empty body)."""
+        response = await self._request(method, path, **kwargs)
+        return parse_json(response.content, what=what)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        action: str | None,
+        scope: str,
+        idempotent: bool = True,
+        params: Params | None = None,
+        json: Any = None,
+        nonce: str | None = None,
+        timeout: httpx.Timeout | None = None,
+        logs_api: bool = False,
+        retry: RetryPolicy | None = None,
+    ) -> httpx.Response:
+        """Send one call with rate limiting and retries; return the 2xx response or raise.
+
+        ``action`` names the rate-limit bucket (None: not limited) and ``scope`` the app or
+        machine it counts against. ``idempotent`` picks the retry rule (see retry.py).
+        """
+        base = self._config.logs_base_url if logs_api else self._config.base_url
+        headers = self._headers(nonce)
+
+        async def once() -> httpx.Response:
+            if self._limiter is not None and action is not None:
+                await self._limiter.acquire(action, scope)
+            return await self._exchange(method, base, path, params, json, headers, timeout)
+
+        return await retry_call(
+            once,
+            policy=retry or self._retry,
+            clock=self._clock,
+            should_retry=is_transient if idempotent else nothing_happened,
+            what=f"{method} {path}",
+        )
+
+    async def _exchange(
+        self,
+        method: str,
+        base: str,
+        path: str,
+        params: Params | None,
+        json: Any,
+        headers: dict[str, str],
+        timeout: httpx.Timeout | None,
+    ) -> httpx.Response:
+        """One HTTP request; a transport failure or non-2xx answer becomes a MachinesError."""
+        log.debug("%s %s", method, path, extra={"action": "machines.request"})
+        try:
+            response = await self._http.request(
+                method,
+                base + path,
+                params=tuple(params) if params else None,
+                json=json,
+                headers=headers,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.TransportError as exc:
+            host = httpx.URL(base).host
+            raise MachinesConnectionError.from_httpx(
+                exc, method=method, path=path, host=host
+            ) from exc
+        if response.is_success:
+            return response
+        token = self._config.token
+        raise error_from_response(
+            response.status_code,
+            response.content,
+            response.headers,
+            method=method,
+            path=path,
+            now=self._clock.time(),
+            redact=(token.reveal(),) if token else (),
+        )
