@@ -1,0 +1,80 @@
+"""Bring a database's schema to this version's head with Alembic, from code (no alembic.ini).
+
+The migration scripts live in ``migrations/`` inside the package. Upgrading runs in one transaction
+that also serialises concurrent openers: ``BEGIN IMMEDIATE`` on SQLite, a transaction-scoped
+advisory lock on PostgreSQL. So when several processes open a new database at once, one creates the
+tables and the others find them done.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Engine
+
+from jobrunner.store.errors import MigrationError
+
+__all__ = ["MIGRATIONS_DIR", "alembic_config", "current_revision", "head_revision", "upgrade"]
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Any fixed 64-bit number; it names the PostgreSQL advisory lock taken while migrating.
+_PG_LOCK_KEY = 0x6A6F6272756E6E72  # "jobrunnr"
+_VERSION_TABLE = "alembic_version"
+
+
+def alembic_config(connection: sa.Connection | None = None) -> Config:
+    """An Alembic Config for the packaged scripts, optionally bound to an open connection."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
+
+
+@functools.cache
+def head_revision() -> str:
+    """The newest revision this version of jobrunner ships."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+@functools.cache
+def _known_revisions() -> frozenset[str]:
+    script = ScriptDirectory.from_config(alembic_config())
+    return frozenset(rev.revision for rev in script.walk_revisions())
+
+
+def current_revision(connection: sa.Connection) -> str | None:
+    """The revision the database is at (None for an empty database).
+
+    Read with plain SQL: every Store open asks, and alembic's MigrationContext would log two INFO
+    lines each time.
+    """
+    if not sa.inspect(connection).has_table(_VERSION_TABLE):
+        return None
+    rows = connection.execute(sa.text(f"SELECT version_num FROM {_VERSION_TABLE}")).all()
+    return str(rows[0][0]) if rows else None
+
+
+def upgrade(engine: Engine, *, revision: str = "head", where: str = "the database") -> None:
+    """Upgrade the schema to ``revision``; raises :class:`MigrationError` if the database was
+    written by a newer jobrunner (a revision this version does not know)."""
+    target = head_revision() if revision == "head" else revision
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+        current = current_revision(connection)
+        if current == target:
+            return
+        if current is not None and current not in _known_revisions():
+            raise MigrationError(
+                f"{where} is at schema revision {current!r}, which this version of jobrunner does "
+                "not know (a newer jobrunner wrote it); upgrade jobrunner, or point "
+                "JOBRUNNER_DATABASE_URL at another database"
+            )
+        command.upgrade(alembic_config(connection), target)
