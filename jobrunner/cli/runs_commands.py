@@ -1,0 +1,173 @@
+"""``jobrunner runs ...`` (the ledger) and ``jobrunner gc`` (orphaned machines)."""
+
+from __future__ import annotations
+
+import sys
+
+import anyio
+import click
+
+from jobrunner.cli import exitcodes
+from jobrunner.cli.common import CliContext, common_options, err, out, print_json
+from jobrunner.cli.driving import TerminalPrinter, report
+from jobrunner.cli.render import run_detail, run_dict, runs_table
+from jobrunner.config import Settings
+from jobrunner.runner import RunBusy
+from jobrunner.session import open_runner, open_store
+
+
+@click.group("runs")
+def runs_group() -> None:
+    """Inspect and repair the run ledger."""
+
+
+@runs_group.command("list")
+@click.option("--job", help="Only runs of this job.")
+@click.option("--state", multiple=True, help="Only runs in this state (repeatable).")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@common_options
+def list_command(job: str | None, state: tuple[str, ...], limit: int, ctx: CliContext) -> None:
+    """List runs, newest first."""
+    store = open_store(ctx.settings())
+    try:
+        runs = store.list_runs(job=job, state=list(state) or None, limit=limit)
+        rows = [(r, store.get_attempts(r.id)) for r in runs]
+    finally:
+        store.close()
+    if ctx.json:
+        print_json([run_dict(r, a) for r, a in rows])
+    elif rows:
+        out.print(runs_table(rows))
+    else:
+        err.print("no runs yet; start one with: jobrunner run jobs/hello.toml")
+
+
+@runs_group.command("show")
+@click.argument("run_id", metavar="RUN")
+@common_options
+def show_command(run_id: str, ctx: CliContext) -> None:
+    """Show one run: outcome, attempts and every state change."""
+    store = open_store(ctx.settings())
+    try:
+        run = store.get_run(run_id)
+        attempts = store.get_attempts(run.id)
+        transitions = store.transitions(run.id)
+    finally:
+        store.close()
+    if ctx.json:
+        from jobrunner.cli.render import attempt_dict
+
+        data = run_dict(run, attempts)
+        data["attempts_detail"] = [attempt_dict(a) for a in attempts]
+        data["transitions"] = [
+            {
+                "from": t.from_state,
+                "to": t.to_state,
+                "attempt": t.attempt_number,
+                "reason": t.reason,
+                "at": t.at.isoformat(),
+            }
+            for t in transitions
+        ]
+        print_json(data)
+    else:
+        out.print(run_detail(run, attempts, transitions))
+
+
+@runs_group.command("reconcile")
+@common_options
+def reconcile_command(ctx: CliContext) -> None:
+    """Resume every unfinished run whose driver has died and record each outcome once.
+
+    Runs whose machines are still going are waited for; exit code 0 when every resumed run
+    reached an outcome.
+    """
+    settings = ctx.settings()
+    sys.exit(anyio.run(_reconcile, settings, ctx.json))
+
+
+async def _reconcile(settings: Settings, as_json: bool) -> int:
+    async with open_runner(settings, on_event=TerminalPrinter(quiet=True)) as runner:
+        runs = await runner.reconcile()
+        rows = [(r, await anyio.to_thread.run_sync(runner.store.get_attempts, r.id)) for r in runs]
+    if as_json:
+        print_json([run_dict(r, a) for r, a in rows])
+    elif rows:
+        out.print(runs_table(rows))
+    else:
+        err.print("nothing to reconcile: every run is finished or has a live driver")
+    return exitcodes.OK
+
+
+@runs_group.command("drive", hidden=True)
+@click.argument("run_id", metavar="RUN")
+@common_options
+def drive_command(run_id: str, ctx: CliContext) -> None:
+    """Drive RUN to its outcome (used by `run --detach`)."""
+    settings = ctx.settings()
+
+    async def go() -> int:
+        async with open_runner(settings, on_event=TerminalPrinter(quiet=False)) as runner:
+            try:
+                run = await runner.drive(run_id)
+            except RunBusy as exc:
+                err.print(str(exc))
+                return exitcodes.OK
+            attempts = await anyio.to_thread.run_sync(runner.store.get_attempts, run.id)
+            return report(run, attempts, as_json=False)
+
+    sys.exit(anyio.run(go))
+
+
+@click.command("gc")
+@click.option("--yes", "-y", is_flag=True, help="Destroy without asking.")
+@click.option("--dry-run", is_flag=True, help="Only list the orphaned machines.")
+@common_options
+def gc_command(yes: bool, dry_run: bool, ctx: CliContext) -> None:
+    """Destroy machines tagged by jobrunner that no unfinished run owns."""
+    settings = ctx.settings()
+
+    async def go() -> int:
+        async with open_runner(settings) as runner:
+            orphans = await runner.orphan_machines()
+            destroy = bool(orphans) and not dry_run
+            if destroy and not yes:
+                if ctx.json or not sys.stdin.isatty():
+                    err.print("refusing to destroy without confirmation: pass --yes")
+                    destroy = False
+                else:
+                    for m in orphans:
+                        err.print(f"  {m.id}  {m.state}  run={_tag(m, 'jobrunner_run_id')}")
+                    destroy = click.confirm(f"destroy these {len(orphans)} machines?")
+            destroyed = []
+            if destroy:
+                for m in orphans:
+                    await runner.destroy_machine(m.id)
+                    destroyed.append(m.id)
+        if ctx.json:
+            print_json(
+                {
+                    "orphans": [
+                        {
+                            "machine_id": m.id,
+                            "state": m.state,
+                            "run_id": _tag(m, "jobrunner_run_id"),
+                        }
+                        for m in orphans
+                    ],
+                    "destroyed": destroyed,
+                }
+            )
+        elif not orphans:
+            err.print("no orphaned machines")
+        else:
+            err.print(f"destroyed {len(destroyed)} of {len(orphans)} orphaned machines")
+        return exitcodes.OK
+
+    sys.exit(anyio.run(go))
+
+
+def _tag(machine: object, key: str) -> str:
+    config = getattr(machine, "config", None)
+    metadata = getattr(config, "metadata", None) or {}
+    return str(metadata.get(key, "?"))

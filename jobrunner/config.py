@@ -1,0 +1,93 @@
+"""Which backend, app, database and state directory jobrunner uses, read once from the environment.
+
+Precedence: explicit arguments (CLI flags, Python keyword arguments), then environment variables.
+No Fly token means the local Machines backend; with ``FLY_API_TOKEN`` set the same code drives Fly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from jobrunner.errors import ConfigError
+
+Backend = Literal["local", "fly"]
+BACKENDS: tuple[Backend, ...] = ("local", "fly")
+DEFAULT_LOCAL_APP = "jobrunner-local"
+
+
+def jobrunner_home(environ: Mapping[str, str] | None = None) -> Path:
+    """The state directory: ``$JOBRUNNER_HOME``, else ``~/.jobrunner``."""
+    env = os.environ if environ is None else environ
+    raw = env.get("JOBRUNNER_HOME")
+    return Path(raw).expanduser() if raw else Path.home() / ".jobrunner"
+
+
+def _has_fly_token(env: Mapping[str, str]) -> bool:
+    return bool(env.get("FLY_API_TOKEN") or env.get("FLY_ACCESS_TOKEN"))
+
+
+def _port(raw: str | None) -> int:
+    if not raw:
+        return 4280
+    if not raw.isdigit() or int(raw) > 65535:
+        raise ConfigError(
+            f"JOBRUNNER_LOCAL_PORT={raw!r} is not a port number; use 0-65535 (0: any free port)"
+        )
+    return int(raw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings. Holds no secret: the Fly token stays in the environment."""
+
+    backend: Backend
+    app: str
+    home: Path
+    database_url: str | None
+    local_port: int = 4280
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        backend: str | None = None,
+        app: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Settings:
+        env = os.environ if environ is None else environ
+        chosen = (
+            backend or env.get("JOBRUNNER_BACKEND") or ("fly" if _has_fly_token(env) else "local")
+        )
+        if chosen not in BACKENDS:
+            raise ConfigError(
+                f"unknown backend {chosen!r} (from --backend or JOBRUNNER_BACKEND); "
+                "use 'local' or 'fly'"
+            )
+        if chosen == "fly" and not _has_fly_token(env):
+            raise ConfigError(
+                "the fly backend needs a Fly API token: set FLY_API_TOKEN "
+                "(create one with `fly tokens create deploy`), or use --backend local"
+            )
+        resolved_app = app or env.get("FLY_APP")
+        if not resolved_app:
+            if chosen == "fly":
+                raise ConfigError(
+                    "no Fly app given: set FLY_APP or pass --app (the app the job machines run in)"
+                )
+            resolved_app = DEFAULT_LOCAL_APP
+        backend_value: Backend = "fly" if chosen == "fly" else "local"
+        return cls(
+            backend=backend_value,
+            app=resolved_app,
+            home=jobrunner_home(env),
+            database_url=env.get("JOBRUNNER_DATABASE_URL") or None,
+            local_port=_port(env.get("JOBRUNNER_LOCAL_PORT")),
+        )
+
+    @property
+    def local_state_dir(self) -> Path:
+        return self.home / "local"

@@ -1,0 +1,71 @@
+"""Builds the objects a command needs from settings: the Machines client, the store, the runner.
+
+This is the only place that knows how the local backend is found or started, so the CLI and the
+Python API connect the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+
+from jobrunner.config import Settings
+from jobrunner.events import EventHandler, ignore_events
+from jobrunner.machines import AsyncMachinesClient
+from jobrunner.runner import Runner
+from jobrunner.store import Store
+
+
+async def open_client(settings: Settings) -> AsyncMachinesClient:
+    """A client for the configured backend; starts the local backend in the background if needed."""
+    if settings.backend == "local":
+        from jobrunner.local.daemon import ensure_running
+
+        endpoint = await anyio.to_thread.run_sync(
+            lambda: ensure_running(settings.local_state_dir, port=settings.local_port)
+        )
+        return AsyncMachinesClient(
+            settings.app,
+            token=endpoint.token,
+            base_url=endpoint.base_url,
+            logs_base_url=endpoint.base_url,
+        )
+    return AsyncMachinesClient.from_env(app=settings.app)
+
+
+def open_store(settings: Settings) -> Store:
+    return Store(settings.database_url)
+
+
+@asynccontextmanager
+async def open_runner(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    on_event: EventHandler = ignore_events,
+    environ: Mapping[str, str] | None = None,
+) -> AsyncIterator[Runner]:
+    """A Runner wired to the configured backend and store; closes what it opened."""
+    own_store = store is None
+    the_store = store if store is not None else await anyio.to_thread.run_sync(open_store, settings)
+    client = await open_client(settings)
+    fast = settings.backend == "local"
+    try:
+        yield Runner(
+            client,
+            the_store,
+            backend=settings.backend,
+            app=settings.app,
+            environ=environ,
+            on_event=on_event,
+            # The local backend has no ingestion lag; Fly's logs API can lag by seconds.
+            log_poll_interval=0.2 if fast else 1.0,
+            log_drain_grace=0.3 if fast else 10.0,
+            start_poll=5.0,
+        )
+    finally:
+        await client.aclose()
+        if own_store:
+            the_store.close()
