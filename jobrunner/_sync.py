@@ -24,9 +24,7 @@ class Portal:
         self._cm: contextlib.AbstractContextManager[BlockingPortal] | None = start_blocking_portal()
         self._portal: BlockingPortal | None = self._cm.__enter__()
 
-    def call(
-        self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
-    ) -> T:
+    def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(*args, **kwargs)`` on the loop thread and return its result (or raise)."""
         if self._portal is None:
             raise RuntimeError("this client is closed")

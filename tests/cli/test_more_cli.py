@@ -22,7 +22,11 @@ from .test_run_cli import LONG_JOB, wait_until_running
 
 TICKING_JOB = """
 image = "python:3.12-slim"
-cmd = ["python3", "-u", "-c", "import time\\nfor i in range(3):\\n    print('line', i); time.sleep(0.4)"]
+cmd = ["python3", "-u", "-c", '''
+import time
+for i in range(3):
+    print('line', i); time.sleep(0.4)
+''']
 """
 
 
