@@ -14,6 +14,7 @@ import anyio.to_thread
 from jobrunner.config import Settings
 from jobrunner.events import EventHandler, ignore_events
 from jobrunner.machines import AsyncMachinesClient
+from jobrunner.machines.errors import NotFound
 from jobrunner.runner import Runner
 from jobrunner.store import Store
 
@@ -26,13 +27,24 @@ async def open_client(settings: Settings) -> AsyncMachinesClient:
         endpoint = await anyio.to_thread.run_sync(
             lambda: ensure_running(settings.local_state_dir, port=settings.local_port)
         )
-        return AsyncMachinesClient(
+        client = AsyncMachinesClient(
             settings.app,
             token=endpoint.token,
             base_url=endpoint.base_url,
             logs_base_url=endpoint.base_url,
         )
+        await _ensure_local_app(client, settings.app)
+        return client
     return AsyncMachinesClient.from_env(app=settings.app)
+
+
+async def _ensure_local_app(client: AsyncMachinesClient, app: str) -> None:
+    """On this computer an app is only a namespace, so ``--app NAME`` creates it on first use
+    (on Fly, creating apps stays the user's decision: ``fly apps create``)."""
+    try:
+        await client.get_app(app)
+    except NotFound:
+        await client.create_app(app)
 
 
 def open_store(settings: Settings) -> Store:

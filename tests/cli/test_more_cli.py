@@ -126,3 +126,9 @@ def test_the_cli_on_a_postgresql_ledger(pg_cli: Cli, tmp_path: Path) -> None:
     outcomes = {(r["job"], r["outcome"]) for r in pg_cli.json("runs", "list")}
     assert outcomes == {("hello", "succeeded"), ("fail", "failed"), ("crashy-pg", "failed")}
     assert not (pg_cli.home / "jobrunner.db").exists()  # the ledger really was PostgreSQL
+
+
+def test_a_new_app_name_on_the_local_backend_just_works(cli: Cli) -> None:
+    done = cli("run", "hello", "--app", "my-other-app", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["app"] == "my-other-app"

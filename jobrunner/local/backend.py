@@ -1,0 +1,100 @@
+"""One running local backend: the database, the machines, the background loops, put together.
+
+``LocalBackend`` is built from ``ServerSettings`` and started by the ASGI lifespan, so the same
+object serves a uvicorn process (``jobrunner local serve``) or an in-process test server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jobrunner import __version__
+from jobrunner.local.clock import Clock, FakeClock, SystemClock
+from jobrunner.local.faults import FaultInjector
+from jobrunner.local.lifecycle import Lifecycle
+from jobrunner.local.logstore import LogStore
+from jobrunner.local.machines import MachineService
+from jobrunner.local.persist import Store
+from jobrunner.local.registry import Registry
+from jobrunner.local.retention import run_purger
+from jobrunner.local.schedule import ScheduleRunner
+from jobrunner.local.settings import ServerSettings
+from jobrunner.local.statefiles import DB_FILE, SERVICE_NAME
+
+__all__ = ["LocalBackend"]
+
+logger = logging.getLogger("jobrunner.local")
+
+
+class LocalBackend:
+    """The server's parts, wired together; ``lifespan`` starts and stops them."""
+
+    def __init__(self, settings: ServerSettings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock: Clock = clock or (FakeClock() if settings.fake_clock else SystemClock())
+        self.faults = FaultInjector(settings.faults)
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(settings.state_dir / DB_FILE)
+        self.registry = Registry(self.store, self.clock)
+        self.logs = LogStore(self.store)
+        self.lifecycle = Lifecycle(self.registry, self.logs, settings.state_dir)
+        self.service = MachineService(self.registry, self.lifecycle)
+        self.scheduler = ScheduleRunner(self.registry, self.clock, self.service.boot_by)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def health(self) -> dict[str, Any]:
+        """The unauthenticated /healthz answer: enough for a client to know whose server it is."""
+        return {
+            "ok": True,
+            "service": SERVICE_NAME,
+            "version": __version__,
+            "pid": os.getpid(),
+            "state_dir": str(self.settings.state_dir),
+        }
+
+    async def start(self) -> None:
+        self.registry.load()
+        self.service.ensure_app(self.settings.default_app)
+        self.lifecycle.recover()
+        self._tasks = [
+            asyncio.create_task(self.logs.run_flusher()),
+            asyncio.create_task(self.scheduler.run()),
+            asyncio.create_task(
+                run_purger(
+                    self.registry,
+                    self.logs,
+                    self.clock,
+                    self.settings.retention,
+                    self.settings.log_retention,
+                )
+            ),
+        ]
+        if self.settings.faults is not None and self.settings.faults.active:
+            logger.warning("fault injection is on: %s", self.settings.faults)
+
+    def begin_shutdown(self) -> None:
+        """Release every long-poll now, so the HTTP server can drain quickly."""
+        self.registry.closing = True
+        self.registry.wake_all()
+
+    async def stop(self) -> None:
+        self.begin_shutdown()
+        await self.lifecycle.shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.logs.flush()
+        self.store.close()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()

@@ -1,0 +1,308 @@
+"""Checks on request bodies and query parameters, turning bad input into 400/422 answers.
+
+Parsing is done with the shared models (``jobrunner.machines.models``) so the client and the
+server agree on one definition; this module adds the rules the models cannot express (section 8 of
+fly-machines-api.md): an image is required, guest sizes have per-CPU memory limits, file paths are
+absolute, ``raw_value`` is base64, restart policies and schedules come from fixed lists. Every
+message names the field at fault, because the user reading it has to find that field.
+
+Malformed JSON and wrong JSON types answer 400; well-typed but invalid values answer 422
+(Fly's "Validation failed").
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+import signal as signal_module
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from jobrunner.local.apierror import ApiError, bad_request, unprocessable
+from jobrunner.local.supervisor import resolve_argv
+from jobrunner.machines.models import File, Guest, MachineConfig, Restart
+
+__all__ = [
+    "RESTART_POLICIES",
+    "SCHEDULES",
+    "parse_body",
+    "parse_bool",
+    "parse_duration",
+    "parse_json_object",
+    "parse_signal",
+    "restart_policy",
+    "validate_config",
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+RESTART_POLICIES = ("no", "always", "on-failure")
+SCHEDULES = ("hourly", "daily", "weekly", "monthly")
+DEFAULT_MAX_RETRIES = 10
+
+# Memory limits per CPU in MB (fly-go constants; DOC machine-sizing).
+_MEMORY_PER_CPU = {"shared": (256, 2048), "performance": (2048, 8192)}
+_MEMORY_STEP_MB = 256
+_MAX_CPUS = 16
+
+_GPU_PRESETS = ("a100-40gb", "a100-80gb", "l40s", "a10")
+
+
+def _size_presets() -> dict[str, tuple[str, int, int]]:
+    presets: dict[str, tuple[str, int, int]] = {}
+    for n in (1, 2, 4, 6, 8):
+        presets[f"shared-cpu-{n}x"] = ("shared", n, n * 256)
+    for n in (1, 2, 4, 6, 8, 10, 12, 14, 16):
+        presets[f"performance-{n}x"] = ("performance", n, n * 2048)
+    for gpu in _GPU_PRESETS:
+        presets[gpu] = ("performance", 8, 32768)
+    return presets
+
+
+SIZE_PRESETS = _size_presets()
+
+_SIGNAL_NAMES = {
+    name: int(getattr(signal_module, name))
+    for name in (
+        "SIGABRT", "SIGALRM", "SIGFPE", "SIGHUP", "SIGILL", "SIGINT", "SIGKILL", "SIGPIPE",
+        "SIGQUIT", "SIGSEGV", "SIGTERM", "SIGTRAP", "SIGUSR1", "SIGUSR2", "SIGCONT", "SIGSTOP",
+        "SIGWINCH",
+    )
+}  # fmt: skip
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+}  # fmt: skip
+# A bare number is seconds per DOC, but fly-go's parser reads numbers as nanoseconds. No one
+# means a stop grace period of 11 days, so numbers this large are taken as nanoseconds.
+_NANOSECOND_THRESHOLD = 1_000_000
+
+
+def parse_json_object(raw: bytes, *, required: bool = True) -> dict[str, Any]:
+    """Decode a JSON object request body; 400 when it is empty (and required), not JSON, or not
+    an object. An empty optional body is ``{}``."""
+    if not raw.strip():
+        if required:
+            raise bad_request("request body is empty: send a JSON object")
+        return {}
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"request body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def parse_body(raw: bytes, model: type[M], *, required: bool = True) -> M:
+    """Decode a JSON request body into ``model``; 400 naming the field when it does not fit."""
+    data = parse_json_object(raw, required=required)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise bad_request(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each naming the field by its dotted path."""
+    problems = []
+    for error in exc.errors(include_url=False)[:5]:
+        field = ".".join(str(part) for part in error["loc"]) or "body"
+        problems.append(f"{field}: {error['msg']}")
+    more = exc.error_count() - len(problems)
+    suffix = f" (and {more} more)" if more > 0 else ""
+    return "invalid request: " + "; ".join(problems) + suffix
+
+
+def validate_config(config: MachineConfig) -> MachineConfig:
+    """Check ``config`` against fly-machines-api.md section 8; 422 naming the first fault.
+
+    Returns the config as stored: guest filled in (from ``size`` or the defaults), restart policy
+    spelled the API way.
+    """
+    if not isinstance(config.image, str) or not config.image.strip():
+        raise unprocessable("config.image is required: name the image the machine runs")
+    guest = _validate_guest(config)
+    files = [_validate_file(i, f) for i, f in enumerate(config.files or [])]
+    policy, _ = restart_policy(config)
+    if config.schedule not in (None, "") and config.schedule not in SCHEDULES:
+        raise unprocessable(
+            f"config.schedule {config.schedule!r} is not supported: use one of "
+            + ", ".join(SCHEDULES)
+        )
+    if config.stop_config is not None:
+        if config.stop_config.signal is not None:
+            parse_signal(config.stop_config.signal, field="config.stop_config.signal", status=422)
+        if config.stop_config.timeout is not None:
+            parse_duration(
+                config.stop_config.timeout, field="config.stop_config.timeout", status=422
+            )
+    init = config.init
+    try:
+        resolve_argv(
+            init.exec if init else None,
+            init.entrypoint if init else None,
+            init.cmd if init else None,
+        )
+    except ValueError as exc:  # the image is recorded, never pulled: its own CMD is unknown
+        raise unprocessable(f"config.init: {exc}") from None
+    return config.model_copy(
+        update={
+            "guest": guest,
+            "files": files or config.files,
+            "restart": _normalised_restart(config.restart, policy),
+        }
+    )
+
+
+def _validate_guest(config: MachineConfig) -> Guest:
+    base: dict[str, Any] = {}
+    if config.size is not None:
+        preset = SIZE_PRESETS.get(config.size)
+        if preset is None:
+            raise unprocessable(
+                f"config.size {config.size!r} is not a known preset: use e.g. shared-cpu-1x, "
+                "shared-cpu-2x, performance-1x (or give config.guest instead)"
+            )
+        base = {"cpu_kind": preset[0], "cpus": preset[1], "memory_mb": preset[2]}
+        if config.size in _GPU_PRESETS:
+            base.update(gpus=1, gpu_kind=config.size)
+    given = config.guest.to_api() if config.guest is not None else {}
+    merged = {**base, **given}  # explicit guest fields win over the size preset
+    cpu_kind = merged.setdefault("cpu_kind", "shared")
+    if cpu_kind not in _MEMORY_PER_CPU:
+        raise unprocessable(
+            f"config.guest.cpu_kind {cpu_kind!r} is not supported: use 'shared' or 'performance'"
+        )
+    cpus = merged.setdefault("cpus", 1)
+    if not 1 <= cpus <= _MAX_CPUS:
+        raise unprocessable(f"config.guest.cpus must be between 1 and {_MAX_CPUS}, got {cpus}")
+    low, high = (limit * cpus for limit in _MEMORY_PER_CPU[cpu_kind])
+    memory = merged.setdefault("memory_mb", low)
+    if memory % _MEMORY_STEP_MB != 0:
+        raise unprocessable(
+            f"config.guest.memory_mb must be a multiple of {_MEMORY_STEP_MB}, got {memory}"
+        )
+    if not low <= memory <= high:
+        raise unprocessable(
+            f"config.guest.memory_mb {memory} is out of range for {cpus} {cpu_kind} CPU(s): "
+            f"use {low} to {high} MB"
+        )
+    return Guest.model_validate(merged)
+
+
+def _validate_file(index: int, file: File) -> File:
+    field = f"config.files[{index}]"
+    if not file.guest_path.startswith("/"):
+        raise unprocessable(
+            f"{field}.guest_path {file.guest_path!r} must be an absolute path (start with /)"
+        )
+    if (file.raw_value is None) == (file.secret_name is None):
+        raise unprocessable(f"{field}: set exactly one of raw_value and secret_name")
+    if file.raw_value is not None:
+        try:
+            base64.b64decode(file.raw_value, validate=True)
+        except (binascii.Error, ValueError):
+            raise unprocessable(f"{field}.raw_value is not valid base64") from None
+    if file.mode is not None and not 0 <= file.mode <= 0o7777:
+        raise unprocessable(f"{field}.mode must be file permission bits (0 to 0o7777)")
+    return file
+
+
+def restart_policy(config: MachineConfig) -> tuple[str, int]:
+    """The effective restart policy and max_retries of ``config``; 422 when they are invalid."""
+    restart = config.restart or Restart()
+    policy = restart.policy
+    if policy in (None, ""):
+        # Fly's platform default is on-failure; for auto_destroy machines flyctl sends "no", and
+        # retrying a one-off job behind the caller's back is never what it wants (see docs).
+        policy = "no" if config.auto_destroy else "on-failure"
+    elif policy == "on-fail":  # flyctl's deprecated spelling
+        policy = "on-failure"
+    if policy not in RESTART_POLICIES:
+        raise unprocessable(
+            f"config.restart.policy {policy!r} is not supported: use one of "
+            + ", ".join(RESTART_POLICIES)
+        )
+    max_retries = restart.max_retries if restart.max_retries is not None else DEFAULT_MAX_RETRIES
+    if max_retries < 0:
+        raise unprocessable(f"config.restart.max_retries must be 0 or more, got {max_retries}")
+    return policy, max_retries
+
+
+def _normalised_restart(restart: Restart | None, policy: str) -> Restart | None:
+    if restart is None:
+        return None  # leave it unset in the stored config, as the caller sent it
+    return restart.model_copy(update={"policy": policy})
+
+
+def parse_signal(value: object, *, field: str = "signal", status: int = 400) -> int:
+    """A signal given by name (``SIGTERM``, ``TERM``) or number (``15``) -> its number."""
+    if isinstance(value, bool):
+        raise ApiError(status, f"{field} must be a signal name like SIGTERM or a number")
+    if isinstance(value, int):
+        if value in _SIGNAL_NAMES.values():
+            return value
+        raise ApiError(status, f"{field} {value} is not a supported signal number")
+    if isinstance(value, str):
+        name = value.strip().upper()
+        if name.isdigit():
+            return parse_signal(int(name), field=field, status=status)
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        if name in _SIGNAL_NAMES:
+            return _SIGNAL_NAMES[name]
+        raise ApiError(
+            status, f"{field} {value!r} is not a supported signal: use e.g. SIGINT, SIGTERM, 9"
+        )
+    raise ApiError(status, f"{field} must be a signal name like SIGTERM or a number")
+
+
+def parse_duration(value: object, *, field: str = "timeout", status: int = 400) -> float:
+    """A Go duration string (``"10s"``, ``"1m30s"``) or a number -> seconds.
+
+    Numbers are seconds (DOC), except very large ones, which are nanoseconds (fly-go encodes
+    ``time.Duration`` as nanoseconds).
+    """
+    if isinstance(value, bool):
+        raise ApiError(status, f"{field} must be a duration like '10s' or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+        if seconds >= _NANOSECOND_THRESHOLD:
+            seconds = seconds / 1e9
+    elif isinstance(value, str):
+        seconds = _parse_duration_text(value.strip(), field, status)
+    else:
+        raise ApiError(status, f"{field} must be a duration like '10s' or a number of seconds")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ApiError(status, f"{field} must be a finite duration, not negative")
+    return seconds
+
+
+def _parse_duration_text(text: str, field: str, status: int) -> float:
+    try:
+        return parse_duration(float(text), field=field, status=status)
+    except ValueError:
+        pass
+    if not text or _DURATION_PART.sub("", text) != "":
+        raise ApiError(
+            status, f"{field} {text!r} is not a duration: use e.g. '10s', '500ms', '1m30s'"
+        )
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
+
+
+def parse_bool(value: str | None, *, field: str) -> bool:
+    """A boolean query parameter; absent means false."""
+    if value is None:
+        return False
+    lowered = value.strip().lower()
+    if lowered in ("", "1", "true", "t", "yes", "on"):  # a bare ``?force`` means true
+        return True
+    if lowered in ("0", "false", "f", "no", "off"):
+        return False
+    raise bad_request(f"query parameter {field}={value!r} must be true or false")
