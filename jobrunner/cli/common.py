@@ -85,6 +85,17 @@ class JobrunnerGroup(click.Group):
         except KeyboardInterrupt:
             err.print("interrupted")
             ctx.exit(exitcodes.CANCELLED)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:
+            # A bug, not bad input: one line by default, the traceback on request.
+            if os.environ.get("JOBRUNNER_DEBUG"):
+                raise
+            err.print(
+                f"[bold red]internal error:[/] {_escape(type(exc).__name__)}: {_escape(str(exc))}"
+                " (set JOBRUNNER_DEBUG=1 for the traceback, and please report it)"
+            )
+            ctx.exit(exitcodes.ERROR)
 
 
 def _escape(text: str) -> str:

@@ -14,6 +14,7 @@ from jobrunner.cli.render import run_detail, run_dict, runs_table
 from jobrunner.config import Settings
 from jobrunner.runner import RunBusy
 from jobrunner.session import open_runner, open_store
+from jobrunner.store import RUN_STATES
 
 
 @click.group("runs")
@@ -23,7 +24,12 @@ def runs_group() -> None:
 
 @runs_group.command("list")
 @click.option("--job", help="Only runs of this job.")
-@click.option("--state", multiple=True, help="Only runs in this state (repeatable).")
+@click.option(
+    "--state",
+    multiple=True,
+    type=click.Choice(sorted(RUN_STATES)),
+    help="Only runs in this state (repeatable).",
+)
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @common_options
 def list_command(job: str | None, state: tuple[str, ...], limit: int, ctx: CliContext) -> None:
@@ -38,6 +44,8 @@ def list_command(job: str | None, state: tuple[str, ...], limit: int, ctx: CliCo
         print_json([run_dict(r, a) for r, a in rows])
     elif rows:
         out.print(runs_table(rows))
+    elif job or state:
+        err.print("no runs match these filters")
     else:
         err.print("no runs yet; start one with: jobrunner run jobs/hello.toml")
 

@@ -105,7 +105,7 @@ def test_the_cli_on_a_postgresql_ledger(pg_cli: Cli, tmp_path: Path) -> None:
     assert pg_cli("run", "hello").returncode == 0
     assert pg_cli("run", "fail").returncode == 3
     job = tmp_path / "crashy-pg.toml"
-    job.write_text(LONG_JOB.replace("time.sleep(60)", "time.sleep(2); raise SystemExit(9)"))
+    job.write_text(LONG_JOB.replace("time.sleep(60)", "time.sleep(4); raise SystemExit(9)"))
     process = subprocess.Popen(
         [sys.executable, "-m", "jobrunner", "run", str(job)],
         cwd=REPO,

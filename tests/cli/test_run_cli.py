@@ -7,6 +7,8 @@ import signal
 import time
 from pathlib import Path
 
+from jobrunner.store import Store
+
 from .conftest import Cli
 
 SLOW_JOB = """
@@ -14,7 +16,7 @@ image = "python:3.12-slim"
 cmd = ["python3", "-c", '''
 import time
 print('tick', flush=True)
-time.sleep(2.5)
+time.sleep(3)
 print('done')
 raise SystemExit(7)
 ''']
@@ -26,13 +28,16 @@ cmd = ["python3", "-c", "import time; print('long', flush=True); time.sleep(60)"
 """
 
 
-def wait_until_running(cli: Cli, job: str, timeout: float = 20.0) -> dict[str, object]:
+def wait_until_running(cli: Cli, job: str, timeout: float = 30.0) -> dict[str, object]:
+    """Poll the ledger directly (a CLI call costs a second or more) until ``job`` is running."""
+    url = cli.env.get("JOBRUNNER_DATABASE_URL") or f"sqlite:///{cli.home / 'jobrunner.db'}"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runs = cli.json("runs", "list", "--job", job)
-        if runs and runs[0]["state"] == "running":
-            return dict(runs[0])
-        time.sleep(0.2)
+    with Store(url) as store:
+        while time.monotonic() < deadline:
+            runs = store.list_runs(job=job, limit=1)
+            if runs and runs[0].state == "running":
+                return {"id": runs[0].id, "state": runs[0].state}
+            time.sleep(0.05)
     raise AssertionError(f"no running run of {job}: {runs}")
 
 
