@@ -28,6 +28,7 @@ from jobrunner.machines.errors import (
     WaitTimeout,
     error_from_response,
 )
+from jobrunner.machines.introspection import ExecResult, MachineVersion, ProcessStat
 from jobrunner.machines.models import (
     App,
     Lease,
@@ -49,6 +50,7 @@ __all__ = [
     "ClientConfig",
     "Clock",
     "Conflict",
+    "ExecResult",
     "InsufficientCapacity",
     "Lease",
     "LeaseError",
@@ -59,11 +61,13 @@ __all__ = [
     "MachineConfig",
     "MachineDestroyed",
     "MachineEvent",
+    "MachineVersion",
     "MachinesAPIError",
     "MachinesClient",
     "MachinesConnectionError",
     "MachinesError",
     "NotFound",
+    "ProcessStat",
     "RateLimited",
     "RateLimiter",
     "RetryPolicy",

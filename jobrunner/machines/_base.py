@@ -118,10 +118,23 @@ class ClientBase:
             headers[NONCE_HEADER] = nonce
         return headers
 
+    def _secrets(self) -> tuple[str, ...]:
+        """What must be blanked out of any text taken from an answer: the token, and each
+        macaroon of a "FlyV1 a,b" token on its own (a server may quote just one)."""
+        token = self._config.token
+        if not token:
+            return ()
+        value = token.reveal()
+        bare = value.removeprefix("FlyV1 ").removeprefix("Bearer ")
+        # Parts shorter than 8 characters are not secrets worth blanking everywhere they occur.
+        parts = {p for p in (bare, *(part.strip() for part in bare.split(","))) if len(p) >= 8}
+        # Longest first, so a part inside the whole token does not leave the rest behind.
+        return tuple(sorted(parts | {value}, key=len, reverse=True))
+
     async def _json(self, method: str, path: str, *, what: str, **kwargs: Any) -> Any:
         """``_request`` and decode the JSON answer (None for an empty body)."""
         response = await self._request(method, path, **kwargs)
-        return parse_json(response.content, what=what)
+        return parse_json(response.content, what=what, redact=self._secrets())
 
     async def _request(
         self,
@@ -187,7 +200,6 @@ class ClientBase:
             ) from exc
         if response.is_success:
             return response
-        token = self._config.token
         raise error_from_response(
             response.status_code,
             response.content,
@@ -195,5 +207,5 @@ class ClientBase:
             method=method,
             path=path,
             now=self._clock.time(),
-            redact=(token.reveal(),) if token else (),
+            redact=self._secrets(),
         )

@@ -14,13 +14,15 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ValidationError
 
+from jobrunner.errors import ConfigError
 from jobrunner.machines.errors import LeaseError, MachinesError
-from jobrunner.machines.models import App, Lease
+from jobrunner.machines.models import App, Lease, MachineConfig
 
 __all__ = [
     "Params",
     "app_path",
     "apps_path",
+    "config_from",
     "go_duration",
     "machines_path",
     "parse_apps",
@@ -78,17 +80,50 @@ def go_duration(value: float | str) -> str:
     return f"{round(value * 1000)}ms"
 
 
-def parse_json(content: bytes, *, what: str) -> Any:
-    """The decoded JSON body, or None for an empty body (204, or a 200 with nothing)."""
+def parse_json(content: bytes, *, what: str, redact: tuple[str, ...] = ()) -> Any:
+    """The decoded JSON body, or None for an empty body (204, or a 200 with nothing).
+
+    Every string in ``redact`` is blanked out of the body preview in the error, in case a
+    proxy page echoes the token back.
+    """
     if not content.strip():
         return None
     try:
         return json.loads(content)
     except ValueError as exc:
+        text = content.decode("utf-8", "replace")
+        # Blank before cutting, so a token that straddles the cut cannot leave a piece behind.
+        for secret in redact:
+            if secret:
+                text = text.replace(secret, "***")
+        preview = repr(text[:80])
         raise MachinesError(
-            f"{what}: the API answered with a body that is not JSON ({content[:80]!r}); "
+            f"{what}: the API answered with a body that is not JSON ({preview}); "
             "check that FLY_API_HOSTNAME points at a Machines API"
         ) from exc
+
+
+def _problems(exc: ValidationError) -> str:
+    """Field paths and messages only: input values could hold a job's env or secrets."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in err['loc']) or '(root)'}: {err['msg']}"
+        for err in exc.errors(include_url=False, include_input=False)
+    )
+
+
+def config_from(config: MachineConfig | Mapping[str, Any], *, what: str) -> MachineConfig:
+    """A ``MachineConfig`` from a model or a mapping; a bad mapping is a ``ConfigError``.
+
+    The error names the fields, never their values, and does not chain pydantic's error
+    (whose text shows the values), since env values may be secrets.
+    """
+    if isinstance(config, MachineConfig):
+        return config
+    try:
+        return MachineConfig.model_validate(dict(config))
+    except ValidationError as exc:
+        problems = _problems(exc)
+    raise ConfigError(f"{what}: the machine config is not valid ({problems}); fix these fields")
 
 
 def parse_model(data: Any, model: type[M], *, what: str) -> M:
@@ -98,14 +133,10 @@ def parse_model(data: Any, model: type[M], *, what: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        # Only field paths and messages: input values could hold a job's env or secrets.
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in err['loc']) or '(root)'}: {err['msg']}"
-            for err in exc.errors(include_url=False, include_input=False)
-        )
-        raise MachinesError(
-            f"{what}: the answer does not look like a {model.__name__} ({problems})"
-        ) from exc
+        problems = _problems(exc)
+    # Raised outside the except block so pydantic's error, which quotes the values (a machine's
+    # env among them), is not chained into tracebacks and logs.
+    raise MachinesError(f"{what}: the answer does not look like a {model.__name__} ({problems})")
 
 
 def parse_models(data: Any, model: type[M], *, what: str) -> list[M]:

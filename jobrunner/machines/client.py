@@ -18,11 +18,11 @@ from typing import Any
 
 import httpx
 
-from jobrunner.machines._base import ClientBase
 from jobrunner.machines._requests import (
     Params,
     app_path,
     apps_path,
+    config_from,
     go_duration,
     machines_path,
     parse_apps,
@@ -39,6 +39,7 @@ from jobrunner.machines.create import (
     tag_config,
 )
 from jobrunner.machines.errors import LeaseError, NotFound
+from jobrunner.machines.introspection import MachineIntrospection
 from jobrunner.machines.logs import follow_log_pages, logs_path, parse_logs_page
 from jobrunner.machines.models import (
     App,
@@ -54,7 +55,12 @@ from jobrunner.machines.models import (
     WaitState,
 )
 from jobrunner.machines.retry import NO_RETRY, RetryPolicy
-from jobrunner.machines.wait import DEFAULT_NOT_FOUND_GRACE, normalize_states, wait_for_state
+from jobrunner.machines.wait import (
+    DEFAULT_NOT_FOUND_GRACE,
+    check_wait_timeout,
+    normalize_states,
+    wait_for_state,
+)
 
 __all__ = ["AsyncMachinesClient"]
 
@@ -62,10 +68,11 @@ __all__ = ["AsyncMachinesClient"]
 _POLL_READ_MARGIN = 15.0
 
 
-class AsyncMachinesClient(ClientBase):
+class AsyncMachinesClient(MachineIntrospection):
     """Talks to one Machines API (Fly's, or the local backend) on behalf of one token.
 
     Use it as ``async with AsyncMachinesClient.from_env() as client: ...`` or call ``aclose()``.
+    The versions, ps and exec endpoints come from ``MachineIntrospection`` (introspection.py).
     Cookies the API sets (e.g. its affinity cookie) are kept and sent back on later calls.
     ``clock`` is for tests: it replaces time and sleeping in retries, rate limits and waits.
     """
@@ -223,10 +230,10 @@ class AsyncMachinesClient(ClientBase):
         changed in between. Not retried on ambiguous failures.
         """
         app = self._app(app)
-        if not isinstance(config, MachineConfig):
-            config = MachineConfig.model_validate(dict(config))
         body = UpdateMachineRequest(
-            config=config, current_version=current_version, skip_launch=skip_launch
+            config=config_from(config, what=f"update machine {machine_id}"),
+            current_version=current_version,
+            skip_launch=skip_launch,
         ).to_api()
         data = await self._json(
             "POST",
@@ -271,7 +278,7 @@ class AsyncMachinesClient(ClientBase):
     ) -> dict[str, Any]:
         """Start a stopped, suspended or created machine; returns the API's answer as a dict."""
         response = await self._machine_action(app, machine_id, "start", nonce=nonce)
-        data = parse_json(response.content, what="start machine")
+        data = parse_json(response.content, what="start machine", redact=self._secrets())
         return dict(data) if isinstance(data, Mapping) else {}
 
     async def restart_machine(
@@ -515,11 +522,15 @@ class AsyncMachinesClient(ClientBase):
 
         Raises ``WaitTimeout`` when time runs out, ``MachineDestroyed`` when the machine is gone
         and the state can no longer come, ``NotFound`` when the machine stays unknown for
-        ``not_found_grace`` seconds, ``BadRequest`` at once. See wait.py for the loop.
+        ``not_found_grace`` seconds, ``BadRequest`` at once. Transient failures (no answer, 429,
+        502-504) are sat out until they have lasted the retry policy's ``max_total`` in a row.
+        See wait.py for the loop.
         Given a ``Machine`` and no ``instance_id``, its ``instance_id`` is sent.
         """
         app = self._app(app)
         states = normalize_states(state)
+        check_wait_timeout("timeout", timeout)
+        check_wait_timeout("not_found_grace", not_found_grace)
         machine_id = machine.id if isinstance(machine, Machine) else machine
         if instance_id is None and isinstance(machine, Machine):
             instance_id = machine.instance_id
@@ -538,6 +549,9 @@ class AsyncMachinesClient(ClientBase):
                 scope=machine_id,
                 params=[*fixed, ("timeout", str(seconds))],
                 timeout=read,
+                # wait_for_state retries transient failures itself, bounded per failure streak
+                # rather than per poll, so that a short outage cannot end a long wait.
+                retry=NO_RETRY,
             )
 
         await wait_for_state(
@@ -549,6 +563,7 @@ class AsyncMachinesClient(ClientBase):
             poll=poll,
             get_machine=lambda: self.get_machine(machine_id, app=app),
             path=path,
+            retry=self._retry,
         )
 
     # -- logs ---------------------------------------------------------------------------------

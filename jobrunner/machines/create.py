@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from jobrunner.machines._requests import config_from
 from jobrunner.machines.clock import Clock
 from jobrunner.machines.errors import (
     InsufficientCapacity,
@@ -60,7 +61,7 @@ def tag_config(config: MachineConfig | Mapping[str, Any]) -> tuple[MachineConfig
     if isinstance(config, MachineConfig):
         tagged = config.model_copy(deep=True)
     else:
-        tagged = MachineConfig.model_validate(dict(config))
+        tagged = config_from(config, what="create machine")
     metadata = dict(tagged.metadata or {})
     submit_id = metadata.get(SUBMIT_ID_KEY) or uuid.uuid4().hex
     metadata[SUBMIT_ID_KEY] = submit_id
@@ -109,7 +110,7 @@ async def create_without_duplicates(
                 and isinstance(exc, ValidationFailed)
                 and exc.api_status == "name_taken"
             ):
-                found = await find()
+                found = await _look(find, submit_id, exc)
                 if found is not None:
                     return _report_found(found, submit_id)
                 raise
@@ -131,7 +132,7 @@ async def create_without_duplicates(
                 # show a machine the lost request did create.
                 await clock.sleep(delay)
             if ambiguous:
-                found = await find()
+                found = await _look(find, submit_id, exc)
                 if found is not None:
                     return _report_found(found, submit_id)
             if delay is None:
@@ -140,6 +141,22 @@ async def create_without_duplicates(
                     "whether the create took effect"
                 )
                 raise
+
+
+async def _look(
+    find: Callable[[], Awaitable[Machine | None]], submit_id: str, cause: MachinesError
+) -> Machine | None:
+    """``find()``; if the look-up itself fails, its error says the create may have happened."""
+    try:
+        return await find()
+    except MachinesError as lookup_error:
+        # Without this the caller would see only a failed list, not that a machine may exist.
+        lookup_error.add_note(
+            f"this failed while checking whether a create that failed ambiguously ({cause}) "
+            f"took effect; list machines with metadata {SUBMIT_ID_KEY}={submit_id} before "
+            "creating again"
+        )
+        raise
 
 
 def _report_found(machine: Machine, submit_id: str) -> Machine:

@@ -58,6 +58,18 @@ __all__ = [
 # Non-JSON bodies (HTML from a proxy, say) are cut to this many characters in messages.
 _BODY_PREVIEW = 300
 
+# Hints for statuses without a class of their own, so these errors also say what to do.
+_STATUS_HINTS = {
+    403: (
+        "the token may not do this; check that FLY_API_TOKEN grants access to this app and "
+        "action (deploy tokens are limited)"
+    ),
+    412: (
+        "the machine's state or version does not allow this now; get the machine again and "
+        "retry with its current state and instance_id (current_version)"
+    ),
+}
+
 
 class MachinesError(JobrunnerError):
     """Base class for every error from the Machines API client."""
@@ -130,7 +142,7 @@ class MachinesAPIError(MachinesError):
         super().__init__(self._describe())
 
     def _hint(self) -> str:
-        return self.hint
+        return self.hint or _STATUS_HINTS.get(self.status_code, "")
 
     def _describe(self) -> str:
         line = f"{self.method} {self.path} failed with HTTP {self.status_code}"
@@ -271,9 +283,14 @@ def error_from_response(
     """
     lowered = {key.lower(): value for key, value in headers.items()}
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    secrets = [secret for secret in redact if secret]
+    # Blank the raw text before a long body is cut, so no piece of a token survives the cut;
+    # and the parsed text again, in case JSON escaping hid the token from the first pass.
+    for secret in secrets:
+        text = text.replace(secret, "***")
     error, api_status = _parse_error_body(status_code, text)
-    for secret in redact:
-        if secret and error:
+    for secret in secrets:
+        if error:
             error = error.replace(secret, "***")
     cls = error_class_for(status_code, api_status)
     return cls(

@@ -9,16 +9,20 @@ Which calls are retried on a transient failure (the idempotency rule): a call is
 doing it twice leaves things as doing it once would.
 
 * Idempotent, so retried on every transient failure: every GET (apps, machines, events, lease,
-  metadata, ``wait``, logs), ``delete_machine``, ``delete_app``, ``delete_metadata``,
+  metadata, versions, ps, logs), ``delete_machine``, ``delete_app``, ``delete_metadata``,
   ``set_metadata``, ``release_lease``, ``stop_machine``, ``suspend_machine``,
   ``start_machine``, ``cordon``/``uncordon``, and ``acquire_lease`` when refreshing (a nonce
   is given). A repeat after a lost success may answer differently (a second delete of a gone
   machine is a 404); that error is raised as it is.
 * Not idempotent: ``update_machine`` (a new version each time), ``restart_machine`` (two
-  restarts), ``signal_machine`` (a second SIGHUP is a second reload), ``create_app`` and a
-  fresh ``acquire_lease`` (a retry would meet our own lease as a 409). These are retried only
-  when nothing can have happened: a 429, or a connection that was never made.
+  restarts), ``signal_machine`` (a second SIGHUP is a second reload), ``exec_machine`` (the
+  command would run twice), ``create_app`` and a fresh ``acquire_lease`` (a retry would meet
+  our own lease as a 409). These are retried only when nothing can have happened: a 429, or a
+  connection that was never made.
 * ``create_machine`` has its own rule, so that it never makes two machines: see ``create.py``.
+* ``wait`` retries the same transient failures in its own loop (wait.py), where ``max_total``
+  bounds each streak of failures instead of the whole call, so an hour-long wait survives a
+  short outage.
 
 Backoff: exponential, ``base_delay * 2**(attempt-1)`` capped at ``max_delay``, with **equal
 jitter** by default (half the delay fixed, half random) so that a retry never comes sooner than

@@ -18,6 +18,7 @@ from jobrunner._sync import Portal
 from jobrunner.machines.client import AsyncMachinesClient
 from jobrunner.machines.clock import Clock
 from jobrunner.machines.config import ClientConfig
+from jobrunner.machines.introspection import ExecResult, MachineVersion, ProcessStat
 from jobrunner.machines.models import (
     App,
     Lease,
@@ -309,6 +310,38 @@ class MachinesClient:
         self, machine_id: str, *, nonce: str | None = None, app: str | None = None
     ) -> None:
         return self._portal.call(self._client.uncordon, machine_id, nonce=nonce, app=app)
+
+    # -- versions, processes, exec --------------------------------------------------------------
+
+    @_doc(_A.list_versions)
+    def list_versions(self, machine_id: str, *, app: str | None = None) -> list[MachineVersion]:
+        return self._portal.call(self._client.list_versions, machine_id, app=app)
+
+    @_doc(_A.list_processes)
+    def list_processes(
+        self,
+        machine_id: str,
+        *,
+        sort_by: str | None = None,
+        order: str | None = None,
+        app: str | None = None,
+    ) -> list[ProcessStat]:
+        return self._portal.call(
+            self._client.list_processes, machine_id, sort_by=sort_by, order=order, app=app
+        )
+
+    @_doc(_A.exec_machine)
+    def exec_machine(
+        self,
+        machine_id: str,
+        command: Sequence[str],
+        *,
+        timeout: int | None = None,
+        app: str | None = None,
+    ) -> ExecResult:
+        return self._portal.call(
+            self._client.exec_machine, machine_id, command, timeout=timeout, app=app
+        )
 
     # -- leases -------------------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import pytest
 import respx
@@ -118,6 +120,50 @@ async def test_token_never_in_repr_or_errors(router: respx.MockRouter, clock: Fa
     for text in texts:
         assert TOKEN not in text
     assert "FLY_API_TOKEN" in texts[2]
+
+
+async def test_token_never_in_logs(
+    router: respx.MockRouter, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # every logger, httpx and httpcore included
+    router.get(f"{MACHINES}/{MACHINE_ID}").mock(
+        side_effect=[
+            httpx.Response(503, json={"error": f"upstream saw {TOKEN}"}),
+            httpx.ReadError("reset"),
+            httpx.Response(200, json=load("machine_started")),
+        ]
+    )
+    router.post(MACHINES).mock(
+        side_effect=[
+            httpx.Response(502, text=TOKEN),
+            httpx.Response(200, json=load("machine_created")),
+        ]
+    )
+    router.get(MACHINES).respond(json=[])
+    async with make_client(router, clock, token=TOKEN) as client:
+        await client.get_machine(MACHINE_ID)
+        await client.create_machine({"image": "alpine"})
+    assert any("retrying" in r.getMessage() for r in caplog.records)  # the retries were logged
+    for record in caplog.records:
+        assert TOKEN not in record.getMessage()
+    assert TOKEN not in caplog.text
+
+
+async def test_echoed_token_parts_and_odd_success_bodies_are_blanked(
+    router: respx.MockRouter, clock: FakeClock
+) -> None:
+    macaroons = "fm2_firstmacaroon1,fm2_secondmacaroon2"
+    router.get(f"{MACHINES}/{MACHINE_ID}").respond(
+        401, json={"error": "bad macaroon fm2_secondmacaroon2"}
+    )
+    # A long page: the token straddles the 80-character preview cut.
+    page = f"<p>{'x' * 60}FlyV1 {macaroons}</p>"
+    router.get(f"{MACHINES}/proxied").respond(200, text=page)
+    async with make_client(router, clock, token=f"FlyV1 {macaroons}") as client:
+        for machine_id in (MACHINE_ID, "proxied"):
+            with pytest.raises(MachinesError) as info:
+                await client.get_machine(machine_id)
+            assert "fm2_" not in str(info.value)  # no macaroon, nor any piece of one
 
 
 def test_sync_client_repr_hides_token() -> None:

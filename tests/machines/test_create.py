@@ -16,6 +16,7 @@ from jobrunner.machines import (
     InsufficientCapacity,
     MachineConfig,
     ServerError,
+    Unauthorized,
     ValidationFailed,
 )
 from jobrunner.machines.create import SUBMIT_ID_KEY
@@ -284,3 +285,16 @@ async def test_submit_ids_are_unique_and_metadata_is_kept(
     for call in fly.post.calls:
         assert json.loads(call.request.content)["config"]["metadata"]["jobrunner"] == "true"
     assert config.metadata == {"jobrunner": "true"}
+
+
+async def test_a_failed_lookup_says_the_create_may_have_happened(
+    client: AsyncMachinesClient, fly: FakeFly
+) -> None:
+    fly.post.respond(503, json={"error": "unavailable"})
+    fly.list.mock(side_effect=None, return_value=httpx.Response(401, json=load("error_401")))
+    with pytest.raises(Unauthorized) as info:
+        await client.create_machine(CONFIG)
+    assert fly.post.call_count == 1  # not created again without knowing
+    notes = " ".join(info.value.__notes__)
+    assert fly.submit_ids()[0] in notes
+    assert "503" in notes

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import traceback
+
 import httpx
 import pytest
 import respx
 
+from jobrunner.errors import ConfigError
 from jobrunner.machines import (
     AsyncMachinesClient,
     Conflict,
@@ -177,6 +181,32 @@ async def test_update_machine(client: AsyncMachinesClient, router: respx.MockRou
         "skip_launch": False,
     }
     assert machine.id == MACHINE_ID
+
+
+async def test_get_modify_update_keeps_fields_the_client_does_not_know(
+    client: AsyncMachinesClient, router: respx.MockRouter
+) -> None:
+    # Config keys (top level and nested) that the API may add after this code was written.
+    answer = load("machine_started")
+    config = answer["config"]
+    config["brand_new_option"] = {"nested": [1, 2], "flag": False}
+    config["guest"]["future_knob"] = "x"
+    config["init"]["future_flag"] = True
+    config["restart"]["future_count"] = 3
+    config["files"] = [{"guest_path": "/etc/job.json", "raw_value": "e30=", "future": "y"}]
+    config["services"] = [{"internal_port": 8080, "protocol": "tcp", "autostop": "off"}]
+    router.get(M).respond(json=answer)
+    update = router.post(M).respond(json=answer)
+
+    machine = await client.get_machine(MACHINE_ID)
+    assert machine.config is not None
+    machine.config.env = {"ADDED": "1"}
+    await client.update_machine(machine.id, machine.config, current_version=machine.instance_id)
+
+    expected = copy.deepcopy(config)
+    expected["env"] = {"ADDED": "1"}
+    sent = sent_json(update.calls.last.request)
+    assert sent == {"config": expected, "current_version": machine.instance_id}
 
 
 @pytest.mark.parametrize(
@@ -385,4 +415,90 @@ async def test_wrong_shape_names_the_fields_not_the_values(
     with pytest.raises(MachinesError, match="Machine") as info:
         await client.get_machine(MACHINE_ID)
     assert "state" in str(info.value)
-    assert "12345" not in str(info.value)
+    # Not in the message, nor in a chained pydantic error printed with the traceback.
+    assert "12345" not in "".join(traceback.format_exception(info.value))
+
+
+@pytest.mark.parametrize("call", ["create", "update"])
+async def test_bad_config_names_the_field_but_never_its_value(
+    client: AsyncMachinesClient, router: respx.MockRouter, call: str
+) -> None:
+    config = {"image": "alpine", "env": {"API_KEY": 98765432}}
+    with pytest.raises(ConfigError, match=r"env\.API_KEY.*fix these fields") as info:
+        if call == "create":
+            await client.create_machine(config)
+        else:
+            await client.update_machine(MACHINE_ID, config)
+    assert "98765432" not in "".join(traceback.format_exception(info.value))
+    assert router.calls.call_count == 0
+
+
+# -- versions, processes, exec ------------------------------------------------------------
+
+
+async def test_list_versions(client: AsyncMachinesClient, router: respx.MockRouter) -> None:
+    route = router.get(f"{M}/versions").respond(json=load("versions"))
+    versions = await client.list_versions(MACHINE_ID)
+    only_call(route)
+    assert [v.version for v in versions] == [
+        "01HEPA330HZ37A78TK080NAK1M",
+        "01HEP9ZQ5W6Q7T0V9T1E2K3M4N",
+    ]
+    assert versions[0].user_config is not None
+    assert versions[0].user_config.auto_destroy is True
+
+
+async def test_list_processes(client: AsyncMachinesClient, router: respx.MockRouter) -> None:
+    route = router.get(f"{M}/ps").respond(json=load("ps"))
+    processes = await client.list_processes(MACHINE_ID, sort_by="cpu", order="desc")
+    assert query(only_call(route)) == [("sort_by", "cpu"), ("order", "desc")]
+    assert [(p.pid, p.cpu) for p in processes] == [(1, 2), (312, 87)]
+    await client.list_processes(MACHINE_ID)
+    assert query(route.calls.last.request) == []
+
+
+async def test_exec_sends_both_forms_and_reads_json(
+    client: AsyncMachinesClient, router: respx.MockRouter
+) -> None:
+    route = router.post(f"{M}/exec").respond(json=load("exec"))
+    result = await client.exec_machine(MACHINE_ID, ["ls", "-la", "/no pe"], timeout=20)
+    request = only_call(route)
+    assert sent_json(request) == {
+        "command": ["ls", "-la", "/no pe"],
+        "cmd": "ls -la '/no pe'",
+        "timeout": 20,
+    }
+    # The answer comes only when the command is done, so the read must outlast its timeout.
+    assert request.extensions["timeout"]["read"] > 20
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert "No such file" in result.stderr
+
+
+async def test_exec_reads_raw_output(client: AsyncMachinesClient, router: respx.MockRouter) -> None:
+    router.post(f"{M}/exec").respond(
+        content=b'{"not": "a result"}\n', headers={"content-type": "application/octet-stream"}
+    )
+    result = await client.exec_machine(MACHINE_ID, ["cat", "/etc/job.json"])
+    assert result.exit_code is None
+    assert result.stdout == '{"not": "a result"}\n'
+
+
+@pytest.mark.parametrize(
+    ("command", "timeout", "message"),
+    [
+        ("ls -la", None, r"list of arguments such as \['ls', '-la'\]"),
+        ([], None, "must not be empty"),
+        (["ls"], 0, "whole seconds"),
+        (["ls"], 2.5, "whole seconds"),
+    ],
+)
+async def test_exec_refuses_bad_arguments_before_sending(
+    client: AsyncMachinesClient,
+    router: respx.MockRouter,
+    command: list[str],
+    timeout: int | None,
+    message: str,
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        await client.exec_machine(MACHINE_ID, command, timeout=timeout)
+    assert router.calls.call_count == 0

@@ -127,6 +127,13 @@ def test_unauthorized_says_which_token_to_check() -> None:
     assert "token validation error" in text
 
 
+@pytest.mark.parametrize(("status", "hint"), [(403, "FLY_API_TOKEN"), (412, "current_version")])
+def test_statuses_without_a_class_still_say_what_to_do(status: int, hint: str) -> None:
+    exc = error_from_response(status, b'{"error":"no"}', {}, method="POST", path="/x")
+    assert type(exc) is MachinesAPIError
+    assert hint in str(exc)
+
+
 def test_rate_limited_carries_retry_after() -> None:
     exc = error_from_response(429, b"", {"Retry-After": "7"}, method="GET", path="/x")
     assert isinstance(exc, RateLimited)
@@ -139,6 +146,13 @@ def test_redact_removes_an_echoed_secret() -> None:
         400, b'{"error":"bad token sekrit"}', {}, method="GET", path="/x", redact=["sekrit"]
     )
     assert "sekrit" not in str(exc)
+
+
+def test_redact_leaves_no_piece_of_a_token_cut_by_the_preview() -> None:
+    secret = "fm2_" + "s3cr3t" * 10
+    body = "<html>" + "x" * 280 + secret + "</html>"  # the 300-character cut falls inside it
+    exc = error_from_response(502, body, {}, method="GET", path="/x", redact=[secret])
+    assert "s3cr3t" not in str(exc)
 
 
 @pytest.mark.parametrize(

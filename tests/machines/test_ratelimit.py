@@ -120,3 +120,18 @@ async def test_custom_limits(clock: FakeClock) -> None:
     await limiter.acquire("create", "app")
     assert clock.sleeps == pytest.approx([0.5])
     assert limiter.limit_for("anything-else") == Limit(rate=1.0, burst=3)
+
+
+async def test_other_reads_keep_to_one_per_second_burst_3(
+    router: respx.MockRouter, clock: FakeClock
+) -> None:
+    # Only "get machine" is documented with 5/s; list, events, metadata, ... are actions at 1/s.
+    lists = arrival_times(router.get(MACHINES), clock, httpx.Response(200, json=[]))
+    events = arrival_times(
+        router.get(f"{MACHINES}/{MACHINE_ID}/events"), clock, httpx.Response(200, json=[])
+    )
+    async with make_client(router, clock, rate_limit=True) as client:
+        await asyncio.gather(*(client.list_machines() for _ in range(5)))
+        await asyncio.gather(*(client.list_events(MACHINE_ID) for _ in range(5)))
+    assert lists == pytest.approx([0, 0, 0, 1, 2])
+    assert events == pytest.approx([2, 2, 2, 3, 4])  # its own bucket, full while lists waited

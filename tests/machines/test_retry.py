@@ -22,7 +22,7 @@ from jobrunner.machines import (
     ValidationFailed,
 )
 
-from .conftest import MACHINE_ID, MACHINES, FakeClock, load, make_client
+from .conftest import API, MACHINE_ID, MACHINES, FakeClock, load, make_client
 
 M = f"{MACHINES}/{MACHINE_ID}"
 # FIXED_RETRY (conftest): base 0.2 s doubling, equal jitter at its middle = 0.75 x nominal.
@@ -153,26 +153,59 @@ async def test_connection_errors_exhausted_raise_connection_error(
     assert route.call_count == 5
 
 
-@pytest.mark.parametrize(
-    ("method", "url", "call"),
-    [
-        ("DELETE", M, lambda c: c.delete_machine(MACHINE_ID, force=True)),
-        ("POST", f"{M}/stop", lambda c: c.stop_machine(MACHINE_ID)),
-        ("POST", f"{M}/start", lambda c: c.start_machine(MACHINE_ID)),
-        ("POST", f"{M}/metadata/k", lambda c: c.set_metadata(MACHINE_ID, "k", "v")),
-        ("GET", f"{M}/metadata", lambda c: c.get_metadata(MACHINE_ID)),
-    ],
-)
+# Every call the retry.py docstring lists as idempotent (GETs beyond get_machine included).
+IDEMPOTENT = [
+    ("DELETE", M, lambda c: c.delete_machine(MACHINE_ID, force=True), {}),
+    ("POST", f"{M}/stop", lambda c: c.stop_machine(MACHINE_ID), {}),
+    ("POST", f"{M}/start", lambda c: c.start_machine(MACHINE_ID), {}),
+    ("POST", f"{M}/suspend", lambda c: c.suspend_machine(MACHINE_ID), {}),
+    ("POST", f"{M}/cordon", lambda c: c.cordon(MACHINE_ID), {}),
+    ("POST", f"{M}/uncordon", lambda c: c.uncordon(MACHINE_ID), {}),
+    ("POST", f"{M}/metadata/k", lambda c: c.set_metadata(MACHINE_ID, "k", "v"), {}),
+    ("DELETE", f"{M}/metadata/k", lambda c: c.delete_metadata(MACHINE_ID, "k"), {}),
+    ("GET", f"{M}/metadata", lambda c: c.get_metadata(MACHINE_ID), {}),
+    ("GET", f"{M}/events", lambda c: c.list_events(MACHINE_ID), []),
+    ("GET", f"{M}/lease", lambda c: c.get_lease(MACHINE_ID), load("lease")),
+    ("DELETE", f"{M}/lease", lambda c: c.release_lease(MACHINE_ID, "n"), load("lease_released")),
+    ("GET", MACHINES, lambda c: c.list_machines(), []),
+    ("GET", f"{API}/v1/apps", lambda c: c.list_apps(), []),
+    ("GET", f"{API}/v1/apps/a1", lambda c: c.get_app("a1"), load("app")),
+    ("DELETE", f"{API}/v1/apps/a1", lambda c: c.delete_app("a1"), {}),
+]
+
+
+@pytest.mark.parametrize(("method", "url", "call", "answer"), IDEMPOTENT)
 async def test_idempotent_calls_retry_after_an_ambiguous_failure(
-    client: AsyncMachinesClient, router: respx.MockRouter, method: str, url: str, call: object
+    client: AsyncMachinesClient,
+    router: respx.MockRouter,
+    method: str,
+    url: str,
+    call: object,
+    answer: object,
 ) -> None:
     route = router.route(method=method, url=url).mock(
-        side_effect=[httpx.Response(502), httpx.ReadError("reset"), httpx.Response(200, json={})]
+        side_effect=[
+            httpx.Response(502),
+            httpx.ReadError("reset"),
+            httpx.Response(200, json=answer),
+        ]
     )
     await call(client)  # type: ignore[operator]
     assert route.call_count == 3
 
 
+# Calls that must not be repeated once the request may have reached the server.
+NOT_IDEMPOTENT = [
+    pytest.param(f"{M}/restart", lambda c: c.restart_machine(MACHINE_ID), id="restart"),
+    pytest.param(f"{M}/signal", lambda c: c.signal_machine(MACHINE_ID, "SIGHUP"), id="signal"),
+    pytest.param(M, lambda c: c.update_machine(MACHINE_ID, {"image": "a"}), id="update"),
+    pytest.param(f"{API}/v1/apps", lambda c: c.create_app("a1"), id="create-app"),
+    pytest.param(f"{M}/lease", lambda c: c.acquire_lease(MACHINE_ID, ttl=30), id="new-lease"),
+    pytest.param(f"{M}/exec", lambda c: c.exec_machine(MACHINE_ID, ["ls"]), id="exec"),
+]
+
+
+@pytest.mark.parametrize(("url", "call"), NOT_IDEMPOTENT)
 @pytest.mark.parametrize(
     "failure",
     [
@@ -183,11 +216,15 @@ async def test_idempotent_calls_retry_after_an_ambiguous_failure(
     ],
 )
 async def test_non_idempotent_calls_are_not_retried_when_ambiguous(
-    client: AsyncMachinesClient, router: respx.MockRouter, failure: httpx.Response | Exception
+    client: AsyncMachinesClient,
+    router: respx.MockRouter,
+    failure: httpx.Response | Exception,
+    url: str,
+    call: object,
 ) -> None:
-    route = router.post(f"{M}/restart").mock(side_effect=[failure, httpx.Response(200)])
+    route = router.post(url).mock(side_effect=[failure, httpx.Response(200)])
     with pytest.raises((ServerError, MachinesConnectionError)):
-        await client.restart_machine(MACHINE_ID)
+        await call(client)  # type: ignore[operator]
     assert route.call_count == 1
 
 

@@ -13,7 +13,11 @@ from jobrunner.machines import (
     BadRequest,
     Machine,
     MachineDestroyed,
+    MachinesConnectionError,
     NotFound,
+    ServerError,
+    Unauthorized,
+    ValidationFailed,
     WaitTimeout,
 )
 from jobrunner.machines.wait import poll_seconds
@@ -230,3 +234,101 @@ async def test_zero_timeout_still_polls_once(
     assert polls(wait) == [1]
     await client.wait(MACHINE_ID, "started", timeout=0)
     assert polls(wait) == [1, 1]
+
+
+# -- transient failures during a long wait ---------------------------------------------------
+
+
+async def test_an_outage_longer_than_one_calls_retries_does_not_end_a_long_wait(
+    client: AsyncMachinesClient, router: respx.MockRouter, clock: FakeClock
+) -> None:
+    # Ten seconds of 503s: far more than a single call's 5 tries (~2 s of backoff) would cover.
+    def flaky(request: httpx.Request) -> httpx.Response:
+        if clock.now < 10:
+            return httpx.Response(503, json={"error": "unavailable"})
+        return httpx.Response(200, json={"ok": True})
+
+    wait = router.get(WAIT).mock(side_effect=flaky)
+    await client.wait(MACHINE_ID, "stopped", instance_id="01HINST", timeout=3600)
+    assert wait.call_count > 5
+    assert 10 <= clock.now < 20
+
+
+async def test_a_long_poll_dropped_at_60s_is_polled_again(
+    client: AsyncMachinesClient, router: respx.MockRouter, clock: FakeClock
+) -> None:
+    tries = iter(range(1, 100))
+
+    def dropped_then_ok(request: httpx.Request) -> httpx.Response:
+        if next(tries) == 1:  # the first poll is cut off just as it would have ended
+            clock.advance(int(request.url.params["timeout"]))
+            raise httpx.RemoteProtocolError("server disconnected")
+        return httpx.Response(200, json={"ok": True})
+
+    wait = router.get(WAIT).mock(side_effect=dropped_then_ok)
+    await client.wait(MACHINE_ID, "stopped", timeout=3600)
+    assert polls(wait) == [60, 60]
+
+
+async def test_a_failure_streak_longer_than_max_total_gives_up(
+    client: AsyncMachinesClient, router: respx.MockRouter, clock: FakeClock
+) -> None:
+    wait = router.get(WAIT).respond(503, json={"error": "unavailable"})
+    with pytest.raises(ServerError):
+        await client.wait(MACHINE_ID, "stopped", timeout=3600)
+    assert wait.call_count > 5
+    assert clock.now <= 60  # FIXED_RETRY.max_total, well before the hour is up
+
+
+async def test_retry_after_is_honoured_while_waiting(
+    client: AsyncMachinesClient, router: respx.MockRouter, clock: FakeClock
+) -> None:
+    wait = router.get(WAIT).mock(
+        side_effect=[
+            httpx.Response(429, headers={"Retry-After": "4"}, json={"error": "rate limited"}),
+            httpx.Response(200, json={"ok": True}),
+        ]
+    )
+    await client.wait(MACHINE_ID, "started", timeout=60)
+    assert wait.call_count == 2
+    assert clock.sleeps == [4.0]
+
+
+async def test_a_failure_at_the_deadline_is_raised_not_slept_through(
+    client: AsyncMachinesClient, router: respx.MockRouter, clock: FakeClock
+) -> None:
+    router.get(WAIT).mock(side_effect=httpx.ConnectError("refused"))
+    with pytest.raises(MachinesConnectionError):
+        await client.wait(MACHINE_ID, "started", timeout=1)
+    assert clock.now <= 1
+
+
+@pytest.mark.parametrize(("status", "cls"), [(401, Unauthorized), (422, ValidationFailed)])
+async def test_other_errors_end_the_wait_at_once(
+    client: AsyncMachinesClient,
+    router: respx.MockRouter,
+    status: int,
+    cls: type[Exception],
+) -> None:
+    wait = router.get(WAIT).respond(status, json={"error": "no"})
+    with pytest.raises(cls):
+        await client.wait(MACHINE_ID, "started", timeout=600)
+    assert wait.call_count == 1
+
+
+async def test_nan_timeouts_are_refused_before_any_call(
+    client: AsyncMachinesClient, router: respx.MockRouter
+) -> None:
+    with pytest.raises(ValueError, match="timeout"):
+        await client.wait(MACHINE_ID, "started", timeout=float("nan"))
+    with pytest.raises(ValueError, match="not_found_grace"):
+        await client.wait(MACHINE_ID, "started", not_found_grace=float("nan"))
+    assert router.calls.call_count == 0
+
+
+async def test_a_negative_timeout_polls_once(
+    client: AsyncMachinesClient, router: respx.MockRouter
+) -> None:
+    wait = router.get(WAIT).respond(json={"ok": True})
+    await client.wait(MACHINE_ID, "started", timeout=-5)
+    assert polls(wait) == [1]
