@@ -312,29 +312,33 @@ class Runner:
             if run.state in TERMINAL or drive.lost_claim:
                 return
             job = Job.from_snapshot(run.job_snapshot)
-            attempt = await self._next_attempt(drive, run, job)
+            attempt, fresh = await self._next_attempt(drive, run, job)
             if attempt is None:
                 continue  # the run was finished (cancelled or out of retries)
-            result = await self._drive_attempt(drive, run, job, attempt)
+            result = await self._drive_attempt(drive, run, job, attempt, fresh=fresh)
             await self._record_attempt(run, attempt, result)
 
-    async def _next_attempt(self, drive: _Drive, run: Run, job: Job) -> Attempt | None:
-        """The attempt to work on: the unfinished latest one, or a new one if a retry is due."""
+    async def _next_attempt(self, drive: _Drive, run: Run, job: Job) -> tuple[Attempt | None, bool]:
+        """The attempt to work on: the unfinished latest one, or a new one if a retry is due.
+
+        The flag says whether this process just created the attempt row: only an attempt
+        inherited from an earlier driver can already have a machine we do not know about.
+        """
         latest = await self._db(self.store.latest_attempt, run.id)
         if latest is not None and latest.outcome is None:
-            return latest
+            return latest, False
         if run.cancel_requested or drive.cancel.is_set():
             await self._finish(run, "cancelled", reason="cancelled before the next attempt started")
-            return None
+            return None, False
         if latest is not None:
             if not self._should_retry(job, run, latest):
                 await self._finish(
                     run, latest.outcome or "lost", exit_code=latest.exit_code, reason=latest.reason
                 )
-                return None
+                return None, False
             if await self._sleep_until_due(drive, run):
                 await self._finish(run, "cancelled", reason="cancelled while waiting to retry")
-                return None
+                return None, False
         number = 1 if latest is None else latest.number + 1
         attempt = await self._db(
             self.store.create_attempt,
@@ -344,7 +348,7 @@ class Runner:
             region=job.region,
         )
         self._emit("attempt", run.id, f"attempt {number} of {run.max_attempts}", attempt=number)
-        return attempt
+        return attempt, True
 
     def _should_retry(self, job: Job, run: Run, latest: Attempt) -> bool:
         if latest.number >= run.max_attempts:
@@ -418,11 +422,11 @@ class Runner:
     # ---- one attempt ------------------------------------------------------------------------
 
     async def _drive_attempt(
-        self, drive: _Drive, run: Run, job: Job, attempt: Attempt
+        self, drive: _Drive, run: Run, job: Job, attempt: Attempt, *, fresh: bool
     ) -> AttemptResult:
         machine_id = attempt.machine_id
         if machine_id is None:
-            found = await self._find_machine(attempt.submit_id)
+            found = None if fresh else await self._find_machine(attempt.submit_id, run)
             if found is None:
                 created = await self._create(run, job, attempt)
                 if isinstance(created, AttemptResult):
@@ -445,9 +449,12 @@ class Runner:
             attempt = refreshed if refreshed is not None else attempt
         return await self._watch(drive, run, job, attempt, machine_id)
 
-    async def _find_machine(self, submit_id: str) -> Machine | None:
+    async def _find_machine(self, submit_id: str, run: Run) -> Machine | None:
+        """The machine an earlier driver may have created for this attempt before dying."""
         machines = await self.client.list_machines(
-            include_deleted=True, metadata={"jobrunner_submit_id": submit_id}
+            include_deleted=True,
+            metadata={"jobrunner_submit_id": submit_id},
+            app=self._app_of(run),
         )
         return machines[0] if machines else None
 

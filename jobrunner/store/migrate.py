@@ -10,41 +10,62 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 from jobrunner.store.errors import MigrationError
 
-__all__ = ["MIGRATIONS_DIR", "alembic_config", "current_revision", "head_revision", "upgrade"]
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+__all__ = [
+    "HEAD_REVISION",
+    "MIGRATIONS_DIR",
+    "alembic_config",
+    "current_revision",
+    "head_revision",
+    "script_head_revision",
+    "upgrade",
+]
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any fixed 64-bit number; it names the PostgreSQL advisory lock taken while migrating.
 _PG_LOCK_KEY = 0x6A6F6272756E6E72  # "jobrunnr"
 _VERSION_TABLE = "alembic_version"
+# The newest revision in migrations/versions. Kept here so that opening an up-to-date database
+# never imports Alembic (a third of a CLI command's start-up time); a test checks it against
+# Alembic's own idea of the head, so adding a migration without updating it fails CI.
+HEAD_REVISION = "0001"
 
 
 def alembic_config(connection: sa.Connection | None = None) -> Config:
     """An Alembic Config for the packaged scripts, optionally bound to an open connection."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["connection"] = connection
     return config
 
 
-@functools.cache
 def head_revision() -> str:
     """The newest revision this version of jobrunner ships."""
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    assert head is not None
-    return head
+    return HEAD_REVISION
+
+
+def script_head_revision() -> str | None:
+    """The head according to Alembic's scripts (what ``HEAD_REVISION`` must equal)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 @functools.cache
 def _known_revisions() -> frozenset[str]:
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(alembic_config())
     return frozenset(rev.revision for rev in script.walk_revisions())
 
@@ -65,6 +86,9 @@ def upgrade(engine: Engine, *, revision: str = "head", where: str = "the databas
     """Upgrade the schema to ``revision``; raises :class:`MigrationError` if the database was
     written by a newer jobrunner (a revision this version does not know)."""
     target = head_revision() if revision == "head" else revision
+    with engine.connect() as connection:  # the common case: already there, no lock needed
+        if current_revision(connection) == target:
+            return
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
@@ -77,4 +101,6 @@ def upgrade(engine: Engine, *, revision: str = "head", where: str = "the databas
                 "not know (a newer jobrunner wrote it); upgrade jobrunner, or point "
                 "JOBRUNNER_DATABASE_URL at another database"
             )
+        from alembic import command
+
         command.upgrade(alembic_config(connection), target)

@@ -194,3 +194,10 @@ def test_processes_opening_a_new_database_at_once_all_succeed(database_url: str)
         child.join(timeout=30)
 
     assert results == [True, True, True]
+
+
+def test_head_revision_constant_matches_the_migration_scripts() -> None:
+    """Opening a current database skips Alembic by trusting HEAD_REVISION; it must be true."""
+    from jobrunner.store.migrate import HEAD_REVISION, script_head_revision
+
+    assert script_head_revision() == HEAD_REVISION
