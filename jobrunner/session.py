@@ -72,9 +72,10 @@ async def open_runner(
             app=settings.app,
             environ=environ,
             on_event=on_event,
-            # The local backend has no ingestion lag; Fly's logs API can lag by seconds.
+            # The local backend stores every line before it records the exit, so one more poll
+            # after the exit finds them all; Fly's logs API can lag by seconds.
             log_poll_interval=0.2 if fast else 1.0,
-            log_drain_grace=0.3 if fast else 10.0,
+            log_drain_grace=0.05 if fast else 10.0,
             start_poll=5.0,
         )
     finally:
