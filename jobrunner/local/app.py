@@ -279,9 +279,11 @@ class _Api:
 
     # admin (only routed in admin mode)
     async def set_faults(self, request: Request) -> Response:
+        # Decoded like every other body, so malformed or absurdly nested JSON is a 400, not a 500.
+        settings = parse_json_object(await request.body(), required=True)
         try:
-            config = FaultConfig.parse(await request.body())
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError too
+            config = FaultConfig.parse(settings)
+        except ValueError as exc:
             raise bad_request(str(exc)) from None
         self._backend.faults.configure(config)
         logger.warning("fault injection set to %s", config)

@@ -24,7 +24,7 @@ from jobrunner.local.registry import Registry
 from jobrunner.local.retention import run_purger
 from jobrunner.local.schedule import ScheduleRunner
 from jobrunner.local.settings import ServerSettings
-from jobrunner.local.statefiles import DB_FILE, SERVICE_NAME
+from jobrunner.local.statefiles import DB_FILE, SERVICE_NAME, make_state_dir
 
 __all__ = ["LocalBackend"]
 
@@ -38,7 +38,7 @@ class LocalBackend:
         self.settings = settings
         self.clock: Clock = clock or (FakeClock() if settings.fake_clock else SystemClock())
         self.faults = FaultInjector(settings.faults)
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        make_state_dir(settings.state_dir)
         self.store = Store(settings.state_dir / DB_FILE)
         self.registry = Registry(self.store, self.clock)
         self.logs = LogStore(self.store)

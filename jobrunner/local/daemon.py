@@ -35,6 +35,7 @@ from jobrunner.local.statefiles import (
     LOG_FILE,
     SERVICE_NAME,
     TOKEN_FILE,
+    make_state_dir,
     read_server_info,
 )
 from jobrunner.local.supervisor import pid_alive
@@ -103,7 +104,7 @@ def ensure_token(state_dir: Path | None = None) -> str:
     if os.environ.get(TOKEN_ENV):
         return os.environ[TOKEN_ENV]
     state_dir = state_dir or default_state_dir()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    make_state_dir(state_dir)
     path = state_dir / TOKEN_FILE
     token = secrets.token_urlsafe(32)
     try:
@@ -238,7 +239,7 @@ def _refuse_taken_port(host: str, port: int, url: str, state_dir: Path) -> None:
 
 
 def _spawn(state_dir: Path, host: str, port: int) -> subprocess.Popen[bytes]:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    make_state_dir(state_dir)
     command = [
         sys.executable, "-m", "jobrunner.local", "serve",
         "--host", host, "--port", str(port), "--state-dir", str(state_dir),

@@ -35,6 +35,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _SHARES = ("rate_limit", "server_error", "drop_after_create")
+_MAX_DELAY = 60
 _CREATE_PATH = re.compile(r"^/v1/apps/[^/]+/machines/?$")
 
 
@@ -72,6 +73,10 @@ class FaultConfig:
                 raise ValueError(f"fault setting {key} must be a number >= 0, got {value!r}")
             if key in _SHARES and value > 1:
                 raise ValueError(f"fault setting {key} is a share: use 0.0 to 1.0, got {value}")
+            # A longer delay would hold every request past any client's timeout: the server
+            # would look dead until restarted.
+            if key == "delay" and value > _MAX_DELAY:
+                raise ValueError(f"fault setting delay must be at most {_MAX_DELAY} s, got {value}")
         for key in ("seed", "retry_after", "server_error_status"):
             value = data.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

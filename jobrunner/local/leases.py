@@ -81,5 +81,8 @@ def release(machine: MachineRecord, now: datetime, nonce: str | None) -> None:
     if lease is None:
         raise not_found(f"machine {machine.id} has no lease to release")
     if nonce != lease.nonce:
-        raise conflict(f"the nonce does not match the lease on machine {machine.id}")
+        raise conflict(
+            f"the nonce in the {NONCE_HEADER} header does not match the lease on machine "
+            f"{machine.id}: send the nonce that acquiring the lease returned"
+        )
     machine.lease = None

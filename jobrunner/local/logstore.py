@@ -23,6 +23,7 @@ __all__ = ["PAGE_SIZE", "LogStore"]
 PAGE_SIZE = 100
 _FLUSH_EVERY_LINES = 500
 _LEVELS = {"stdout": "info", "stderr": "error"}
+_MAX_TOKEN = 2**63 - 1
 
 
 class LogStore:
@@ -93,8 +94,10 @@ def _parse_token(value: str | None) -> int | None:
         raise bad_request(
             f"next_token {value!r} is not a token: pass back meta.next_token from the last page"
         ) from None
-    if token < 0:
-        raise bad_request("next_token must not be negative")
+    if not 0 <= token <= _MAX_TOKEN:  # SQLite integers are 64-bit: a larger one cannot be a token
+        raise bad_request(
+            f"next_token {value!r} is out of range: pass back meta.next_token from the last page"
+        )
     return token
 
 

@@ -27,7 +27,7 @@ from jobrunner.errors import ConfigError
 from jobrunner.local.app import build_app
 from jobrunner.local.backend import LocalBackend
 from jobrunner.local.settings import ServerSettings, base_url
-from jobrunner.local.statefiles import INFO_FILE, LOCK_FILE, read_server_info
+from jobrunner.local.statefiles import INFO_FILE, LOCK_FILE, make_state_dir, read_server_info
 
 __all__ = ["bind_socket", "serve"]
 
@@ -60,7 +60,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 @contextlib.contextmanager
 def _state_dir_lock(state_dir: Path) -> Iterator[None]:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    make_state_dir(state_dir)
     handle: IO[str] = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole run
     try:
         try:

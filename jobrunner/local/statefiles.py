@@ -21,6 +21,7 @@ __all__ = [
     "LOG_FILE",
     "SERVICE_NAME",
     "TOKEN_FILE",
+    "make_state_dir",
     "read_server_info",
 ]
 
@@ -31,6 +32,16 @@ LOG_FILE = "server.log"
 TOKEN_FILE = "token"
 # What /healthz calls the service, so a client can tell our server from another program.
 SERVICE_NAME = "jobrunner-local"
+
+
+def make_state_dir(state_dir: Path) -> None:
+    """Create ``state_dir`` if needed, readable by its owner only when this call creates it.
+
+    It holds the token, the machines' configs (their ``env`` carries job secrets) and their
+    output. An existing directory keeps its mode: it may be one the user chose and shares.
+    """
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, exist_ok=True)
 
 
 def read_server_info(state_dir: Path) -> dict[str, Any] | None:

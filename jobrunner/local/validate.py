@@ -18,6 +18,7 @@ import json
 import math
 import re
 import signal as signal_module
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -27,6 +28,7 @@ from jobrunner.local.supervisor import resolve_argv
 from jobrunner.machines.models import File, Guest, MachineConfig, Restart
 
 __all__ = [
+    "MAX_BODY_DEPTH",
     "RESTART_POLICIES",
     "SCHEDULES",
     "parse_body",
@@ -78,14 +80,18 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {
     "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
 }  # fmt: skip
+# Real machine configs nest about ten levels deep. Far deeper bodies are refused up front: they
+# would otherwise fail later, with a 500, in the decoder or in the models' serialiser.
+MAX_BODY_DEPTH = 64
+_TOO_DEEP = f"request body nests lists/objects more than {MAX_BODY_DEPTH} levels deep: flatten it"
 # A bare number is seconds per DOC, but fly-go's parser reads numbers as nanoseconds. No one
 # means a stop grace period of 11 days, so numbers this large are taken as nanoseconds.
 _NANOSECOND_THRESHOLD = 1_000_000
 
 
 def parse_json_object(raw: bytes, *, required: bool = True) -> dict[str, Any]:
-    """Decode a JSON object request body; 400 when it is empty (and required), not JSON, or not
-    an object. An empty optional body is ``{}``."""
+    """Decode a JSON object request body; 400 when it is empty (and required), not JSON, not
+    an object, or nested deeper than ``MAX_BODY_DEPTH``. An empty optional body is ``{}``."""
     if not raw.strip():
         if required:
             raise bad_request("request body is empty: send a JSON object")
@@ -94,9 +100,32 @@ def parse_json_object(raw: bytes, *, required: bool = True) -> dict[str, Any]:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the decoder gives up on very deep nesting before any check of ours
+        raise bad_request(_TOO_DEEP) from None
     if not isinstance(data, dict):
         raise bad_request(f"request body must be a JSON object, not {type(data).__name__}")
+    if _nesting_depth(data) > MAX_BODY_DEPTH:
+        raise bad_request(_TOO_DEEP)
     return data
+
+
+def _nesting_depth(value: object) -> int:
+    """How deeply lists and objects nest in ``value`` (iterative: no recursion limit to hit)."""
+    deepest = 0
+    pending: list[tuple[object, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_BODY_DEPTH:
+            break  # enough to refuse it; no need to walk the rest
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def parse_body(raw: bytes, model: type[M], *, required: bool = True) -> M:
@@ -128,6 +157,7 @@ def validate_config(config: MachineConfig) -> MachineConfig:
     if not isinstance(config.image, str) or not config.image.strip():
         raise unprocessable("config.image is required: name the image the machine runs")
     guest = _validate_guest(config)
+    _validate_env_and_argv(config)
     files = [_validate_file(i, f) for i, f in enumerate(config.files or [])]
     policy, _ = restart_policy(config)
     if config.schedule not in (None, "") and config.schedule not in SCHEDULES:
@@ -194,6 +224,29 @@ def _validate_guest(config: MachineConfig) -> Guest:
             f"use {low} to {high} MB"
         )
     return Guest.model_validate(merged)
+
+
+def _validate_env_and_argv(config: MachineConfig) -> None:
+    """Refuse what no process can be given: checked here so the 422 names the field, instead of
+    the machine failing later with an exit event that cannot say which variable was at fault."""
+    for name, value in (config.env or {}).items():
+        if not name or "=" in name or "\0" in name:
+            raise unprocessable(
+                f"config.env has an invalid variable name {name!r}: names must be non-empty and "
+                "contain no '=' or NUL character"
+            )
+        if "\0" in value:
+            raise unprocessable(
+                f"config.env.{name} contains a NUL character, which no process environment can "
+                "hold: remove it"
+            )
+    for part in ("exec", "entrypoint", "cmd"):
+        for index, argument in enumerate(getattr(config.init, part, None) or []):
+            if "\0" in argument:
+                raise unprocessable(
+                    f"config.init.{part}[{index}] contains a NUL character, which no command "
+                    "line can hold: remove it"
+                )
 
 
 def _validate_file(index: int, file: File) -> File:

@@ -68,19 +68,38 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
 
+# How the tests start a server: the module behind `jobrunner local`, which starts fastest.
+LOCAL_MODULE = ("-m", "jobrunner.local")
+# The command a user types, `jobrunner local serve` (it loads the whole CLI first).
+JOBRUNNER_LOCAL = ("-m", "jobrunner", "local")
+
+
+def _server_environment(env: dict[str, str] | None) -> dict[str, str]:
+    # Module-scoped servers start before the autouse fixture cleans the environment, so settings
+    # from the caller's shell (FLY_APP names the default app, JOBRUNNER_LOCAL_* turn on faults
+    # or admin mode) are dropped here; a test that wants one passes it in ``env``.
+    inherited = {
+        name: value
+        for name, value in os.environ.items()
+        if name != "FLY_APP" and not name.startswith("JOBRUNNER_LOCAL_")
+    }
+    return {**inherited, "JOBRUNNER_LOCAL_TOKEN": TOKEN, **(env or {})}
+
+
 def start_server(
     state_dir: Path,
     *args: str,
     env: dict[str, str] | None = None,
     timeout: float = 20.0,
+    command: tuple[str, ...] = LOCAL_MODULE,
 ) -> ServerProcess:
     """Start a server on a free port and wait until /healthz answers."""
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = state_dir.parent / f"{state_dir.name}-server.log"
-    environment = {**os.environ, "JOBRUNNER_LOCAL_TOKEN": TOKEN, **(env or {})}
+    environment = _server_environment(env)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "jobrunner.local", "serve", "--port", "0",
+            [sys.executable, *command, "serve", "--port", "0",
              "--state-dir", str(state_dir), *args],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -139,7 +158,7 @@ async def wait_for(
     api: httpx.AsyncClient, machine_id: str, *states: str, timeout: int = 10, app: str = APP,
     **params: str,
 ) -> httpx.Response:  # fmt: skip
-    query: list[tuple[str, str | int]] = [("state", s) for s in states]
+    query: list[tuple[str, str | int | float | bool | None]] = [("state", s) for s in states]
     query.append(("timeout", timeout))
     query.extend(params.items())
     return await api.get(f"/v1/apps/{app}/machines/{machine_id}/wait", params=query)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 
@@ -118,8 +119,11 @@ async def test_update_replaces_the_version_and_boots_the_new_one(api: httpx.Asyn
     assert updated["instance_id"] != old_instance
     assert updated["config"]["init"]["cmd"] == ["sleep", "31"]
     await reach(api, machine["id"], "started", instance_id=updated["instance_id"])
-    # the old instance counts as stopped: it was replaced
+    # the old instance counts as stopped: it was replaced, and can never be started again
     await reach(api, machine["id"], "stopped", instance_id=old_instance, timeout=1)
+    never = await wait_for(api, machine["id"], "started", timeout=1, instance_id=old_instance)
+    assert never.status_code == 408
+    assert never.json()["error"].endswith("currently replaced")
     versions = (await api.get(url + "/versions")).json()
     assert [v["version"] for v in versions] == [updated["instance_id"], old_instance]
     assert versions[1]["user_config"]["init"]["cmd"] == ["sleep", "30"]
@@ -157,6 +161,17 @@ async def test_stop_uses_the_signal_and_records_a_requested_stop(api: httpx.Asyn
     assert [e["type"] for e in stopped["events"]][:2] == ["exit", "stop"]
     details = exit_events(stopped)[0]
     assert details["exit_code"] == 42 and details["requested_stop"] is True
+
+
+async def test_stop_without_a_body_sends_sigint(api: httpx.AsyncClient) -> None:
+    machine = await create_machine(api, command_config("sleep", "30"))
+    await reach(api, machine["id"], "started")
+    response = await api.post(f"/v1/apps/{APP}/machines/{machine['id']}/stop")
+    assert response.status_code == 200
+    await reach(api, machine["id"], "stopped", timeout=5)
+    details = exit_events(await get_machine(api, machine["id"]))[0]
+    assert details["signal"] == signal.SIGINT and details["exit_code"] == 128 + signal.SIGINT
+    assert details["requested_stop"] is True
 
 
 async def test_stop_escalates_to_sigkill_after_the_timeout(api: httpx.AsyncClient) -> None:
@@ -327,6 +342,16 @@ async def test_unimplemented_endpoints_answer_404_with_the_fly_body(
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
 
 
+async def test_the_image_is_recorded_not_pulled_and_the_log_says_so_once(
+    server: ServerProcess, api: httpx.AsyncClient
+) -> None:
+    for _ in range(2):
+        machine = await create_machine(api, command_config("true"), skip_launch=True)
+        assert machine["config"]["image"] == IMAGE
+        assert machine["image_ref"]["registry"] == "registry.example"
+    assert server.log().count("does not pull or run it") == 1
+
+
 async def test_every_request_needs_the_token(server: ServerProcess) -> None:
     async with httpx.AsyncClient(base_url=server.base_url, trust_env=False) as anonymous:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": server.token}):
@@ -340,6 +365,10 @@ async def test_every_request_needs_the_token(server: ServerProcess) -> None:
         health = await anonymous.get("/healthz")
         assert health.status_code == 200 and health.json()["service"] == "jobrunner-local"
         assert flyv1.headers["fly-request-id"]
+    # started without --host: it listens on loopback only
+    info = json.loads((server.state_dir / "server.json").read_text())
+    assert info["host"] == "127.0.0.1" and server.base_url.startswith("http://127.0.0.1:")
+    assert server.token not in server.log()
 
 
 async def test_apps_list_create_get_delete(api: httpx.AsyncClient) -> None:

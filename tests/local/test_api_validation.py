@@ -74,6 +74,9 @@ CASES: list[tuple[str, Any, int, str]] = [
         "stop_config.timeout",
     ),
     ("env not strings", command_config("true", env={"A": 1}), 400, "config.env.A"),
+    ("env name with =", command_config("true", env={"A=B": "1"}), 422, "'A=B'"),
+    ("env value with NUL", command_config("true", env={"TOKEN": "a\0b"}), 422, "config.env.TOKEN"),
+    ("argv with NUL", command_config("echo", "a\0b"), 422, "config.init.cmd[1]"),
     ("cpus not int", command_config("true", guest={"cpus": "two"}), 400, "config.guest.cpus"),
     ("config not object", "nope", 400, "config"),
 ]
@@ -101,6 +104,27 @@ async def test_malformed_bodies_are_400(api: httpx.AsyncClient, raw: bytes) -> N
     )
     assert response.status_code == 400, response.text
     assert "error" in response.json()
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", ""), ("POST", "/{id}"), ("POST", "/{id}/stop"), ("POST", "/{id}/lease"),
+     ("POST", "/{id}/metadata/k"), ("POST", "/{id}/signal")],
+)  # fmt: skip
+@pytest.mark.parametrize("depth", [100, 5000])
+async def test_absurdly_nested_bodies_are_400_not_500(
+    api: httpx.AsyncClient, method: str, path: str, depth: int
+) -> None:
+    machine = await create_machine(api, command_config("true"), skip_launch=True)
+    nested = "[" * depth + "]" * depth
+    raw = '{"config": {"image": "x", "init": {"cmd": ["true"]}, "services": [' + nested + "]}}"
+    url = f"/v1/apps/{APP}/machines" + path.format(id=machine["id"])
+    response = await api.request(
+        method, url, content=raw.encode(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert "levels deep" in response.json()["error"]
+    assert (await api.get(f"/v1/apps/{APP}/machines/{machine['id']}")).json()["state"] == "created"
 
 
 async def test_wrong_types_elsewhere_are_400(api: httpx.AsyncClient) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +19,18 @@ from jobrunner.machines import (
 )
 from jobrunner.machines.errors import MachinesAPIError
 
-from .local_harness import APP, ServerProcess, command_config
+from .local_harness import APP, JOBRUNNER_LOCAL, ServerProcess, command_config, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Started with `jobrunner local serve`, the command the issue's "done when" names."""
+    state_dir = tmp_path_factory.mktemp("client") / "state"
+    process = start_server(state_dir, "--enable-admin", command=JOBRUNNER_LOCAL)
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 @pytest.fixture
@@ -49,6 +60,8 @@ async def test_a_one_off_job_end_to_end(client: AsyncMachinesClient) -> None:
     page = await client.get_logs(instance=machine.id)
     assert [entry.message for entry in page.entries] == ["hi"]
     assert page.entries[0].instance == machine.id and page.next_token
+    assert machine.id not in [m.id for m in await client.list_machines()]
+    assert machine.id in [m.id for m in await client.list_machines(include_deleted=True)]
 
 
 async def test_the_sync_facade_works_too(server: ServerProcess) -> None:

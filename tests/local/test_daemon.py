@@ -13,10 +13,13 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+from jobrunner.cli import main
 from jobrunner.errors import ConfigError
 from jobrunner.local import LocalEndpoint, ensure_running, read_token
 from jobrunner.local.cli import local
 from jobrunner.local.daemon import ensure_token, server_status, stop_server
+
+from .local_harness import start_server
 
 
 def _free_port() -> int:
@@ -42,6 +45,8 @@ def test_ensure_running_starts_once_and_then_reuses(state_dir: Path) -> None:
     assert endpoint.token not in repr(endpoint)
     token_file = state_dir / "token"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    # the state dir holds machine configs (job secrets in env) and output: owner only
+    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
     assert read_token(state_dir) == endpoint.token == token_file.read_text().strip()
     answer = httpx.get(
         f"{endpoint.base_url}/v1/apps",
@@ -134,6 +139,27 @@ def test_cli_start_status_token_stop(state_dir: Path) -> None:
     assert not os.path.exists(state_dir / "server.json")
     again = runner.invoke(local, ["stop", *args])
     assert again.exit_code == 0 and "no local backend was running" in again.output
+
+
+def test_the_local_group_is_part_of_the_jobrunner_cli(state_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["local", "token", "--state-dir", str(state_dir)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == read_token(state_dir)
+
+
+def test_fly_app_names_the_default_app(tmp_path: Path) -> None:
+    process = start_server(tmp_path / "state", env={"FLY_APP": "from-fly-app"})
+    try:
+        with httpx.Client(
+            base_url=process.base_url, headers=process.headers(), trust_env=False
+        ) as api:
+            assert api.get("/v1/apps/from-fly-app").status_code == 200
+            machines = api.get("/v1/apps/from-fly-app/machines")
+            assert machines.status_code == 200 and machines.json() == []
+            # jobrunner-local is only the default when FLY_APP is not set
+            assert api.get("/v1/apps/jobrunner-local").status_code == 404
+    finally:
+        process.stop()
 
 
 def test_cli_errors_exit_1_with_a_message(state_dir: Path) -> None:

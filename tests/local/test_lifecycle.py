@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import base64
+import os
+import signal
+import sys
+import uuid
 
 import httpx
 
@@ -44,15 +48,73 @@ async def test_environment_has_config_env_and_fly_variables(api: httpx.AsyncClie
     ]
 
 
+async def test_the_environment_is_exactly_config_env_plus_fly_variables(
+    api: httpx.AsyncClient,
+) -> None:
+    # The server itself runs with JOBRUNNER_LOCAL_TOKEN set: none of its variables may leak in.
+    machine = await create_machine(api, command_config("env", env={"GREETING": "hello"}))
+    await reach(api, machine["id"], "stopped")
+    variables = dict(line.split("=", 1) for line in await _output(api, machine["id"]))
+    assert set(variables) == {
+        "GREETING", "FLY_MACHINE_ID", "FLY_APP_NAME", "FLY_REGION", "FLY_IMAGE_REF",
+        "FLY_PRIVATE_IP", "FLY_ALLOC_ID", "FLY_MACHINE_VERSION", "PATH", "HOME",
+    }  # fmt: skip
+    assert variables["FLY_MACHINE_VERSION"] == machine["instance_id"]
+
+
 async def test_files_are_placed_at_their_guest_path(api: httpx.AsyncClient) -> None:
+    directory = f"/etc/jobrunner-local-test-{uuid.uuid4().hex[:8]}"
     content = base64.b64encode(b"file content\n").decode()
-    files = [{"guest_path": "/etc/jobrunner/input.txt", "raw_value": content}]
+    files = [{"guest_path": f"{directory}/input.txt", "raw_value": content}]
     machine = await create_machine(
-        api, command_config("cat", "/etc/jobrunner/input.txt", files=files)
+        api, command_config("cat", f"{directory}/input.txt", files=files)
     )
     await reach(api, machine["id"], "stopped")
     assert await _output(api, machine["id"]) == ["file content"]
     assert exit_events(await get_machine(api, machine["id"]))[0]["exit_code"] == 0
+    assert not os.path.exists(directory)  # only the machine saw it; the host's /etc is untouched
+
+
+async def test_a_file_that_cannot_be_placed_fails_the_start_naming_its_path(
+    api: httpx.AsyncClient,
+) -> None:
+    guest_path = f"/jobrunner-local-test-{uuid.uuid4().hex[:8]}/x.txt"  # a new top-level dir
+    files = [{"guest_path": guest_path, "raw_value": base64.b64encode(b"x").decode()}]
+    machine = await create_machine(api, command_config("echo", "must not run", files=files))
+    await reach(api, machine["id"], "stopped")
+    [details] = exit_events(await get_machine(api, machine["id"]))
+    assert details["exit_code"] == 1 and guest_path in details["error"]
+    assert await _output(api, machine["id"]) == []
+    assert not os.path.exists(os.path.dirname(guest_path))
+
+
+async def test_guest_cpus_bound_the_cpu_affinity(api: httpx.AsyncClient) -> None:
+    guest = {"cpu_kind": "shared", "cpus": 1, "memory_mb": 256}
+    machine = await create_machine(api, command_config("nproc", guest=guest))
+    await reach(api, machine["id"], "stopped")
+    assert await _output(api, machine["id"]) == ["1"]
+
+
+async def test_exceeding_guest_memory_is_an_oom_kill(api: httpx.AsyncClient) -> None:
+    allocate = "b = bytearray(400 << 20); import time; time.sleep(10)"
+    config = command_config(sys.executable, "-c", allocate, guest={"memory_mb": 256})
+    machine = await create_machine(api, config)
+    await reach(api, machine["id"], "stopped", timeout=10)
+    [details] = exit_events(await get_machine(api, machine["id"]))
+    assert details["oom_killed"] is True and details["exit_code"] == 137
+    assert details["requested_stop"] is False
+
+
+async def test_stop_config_timeout_bounds_the_grace_period(api: httpx.AsyncClient) -> None:
+    # The program ignores its stop signal; stop_config's 300 ms (not the default 5 s) apply.
+    script = "trap '' USR1; while true; do sleep 0.05; done"
+    stop_config = {"signal": "SIGUSR1", "timeout": "300ms"}
+    machine = await create_machine(api, command_config("sh", "-c", script, stop_config=stop_config))
+    await reach(api, machine["id"], "started")
+    await api.post(f"/v1/apps/{APP}/machines/{machine['id']}/stop")
+    await reach(api, machine["id"], "stopped", timeout=3)
+    [details] = exit_events(await get_machine(api, machine["id"]))
+    assert details["signal"] == signal.SIGKILL and details["requested_stop"] is True
 
 
 async def test_a_missing_secret_fails_the_start_naming_it(api: httpx.AsyncClient) -> None:

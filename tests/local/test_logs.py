@@ -65,4 +65,7 @@ async def test_filters_by_instance_and_region(api: httpx.AsyncClient) -> None:
 async def test_bad_token_and_unknown_app(api: httpx.AsyncClient) -> None:
     bad = await api.get(LOGS, params={"next_token": "yesterday"})
     assert bad.status_code == 400 and "next_token" in bad.json()["error"]
+    for out_of_range in ("-1", str(2**64)):  # a number, but no token can be that
+        response = await api.get(LOGS, params={"next_token": out_of_range})
+        assert response.status_code == 400 and "next_token" in response.json()["error"]
     assert (await api.get("/api/v1/apps/nope/logs")).status_code == 404

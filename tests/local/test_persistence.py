@@ -6,6 +6,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from .local_harness import (
     APP,
     command_config,
@@ -40,6 +42,8 @@ async def test_a_crashed_server_leaves_nothing_forgotten(tmp_path: Path) -> None
             for machine in (running, one_off):
                 await reach(api, machine["id"], "started")
             await reach(api, done["id"], "stopped")
+            tag = f"/v1/apps/{APP}/machines/{done['id']}/metadata/added"
+            assert (await api.post(tag, json={"value": "later"})).status_code == 204
             url = f"/v1/apps/{APP}/machines/{leased['id']}/lease"
             lease = (await api.post(url, json={"ttl": 600})).json()
             await api.post("/v1/apps", json={"app_name": "kept-app"})
@@ -60,7 +64,7 @@ async def test_a_crashed_server_leaves_nothing_forgotten(tmp_path: Path) -> None
             assert (await get_machine(api, one_off["id"]))["state"] == "destroyed"
             kept = await get_machine(api, done["id"])
             assert exit_events(kept)[0]["exit_code"] == 2
-            assert kept["config"]["metadata"] == {"k": "v"}
+            assert kept["config"]["metadata"] == {"k": "v", "added": "later"}
             assert [e["type"] for e in kept["events"]] == ["exit", "start", "launch"]
             assert (await api.get(url)).json() == lease
             assert (await api.get("/v1/apps/kept-app")).status_code == 200
@@ -76,14 +80,17 @@ async def test_a_crashed_server_leaves_nothing_forgotten(tmp_path: Path) -> None
     assert _gone(running["id"])
 
 
-async def test_a_clean_shutdown_stops_machines_and_says_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+async def test_a_clean_shutdown_stops_machines_and_says_so(
+    tmp_path: Path, stop_signal: signal.Signals
+) -> None:
     first = start_server(tmp_path / "state")
     try:
         async with first.client() as api:
             machine = await create_machine(api, command_config("sleep", "60"))
             await reach(api, machine["id"], "started")
     finally:
-        first.stop(signal.SIGTERM)
+        first.stop(stop_signal)
     assert _gone(machine["id"], within=0.5)
     assert not (tmp_path / "state" / "server.json").exists()
     second = start_server(tmp_path / "state")

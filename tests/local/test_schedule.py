@@ -25,7 +25,8 @@ DAY = 86_400
 @pytest.fixture(scope="module")
 def clock_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     state = tmp_path_factory.mktemp("scheduled") / "state"
-    process = start_server(state, "--enable-admin", "--fake-clock", "--retention", "48h")
+    # No --retention: the purge test checks the default (48 h).
+    process = start_server(state, "--enable-admin", "--fake-clock")
     try:
         yield process
     finally:

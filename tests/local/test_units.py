@@ -122,7 +122,8 @@ def test_image_refs(
 @pytest.mark.parametrize(
     ("raw", "message"),
     [('{"rate_limit": 1.5}', "share"), ('{"nope": 1}', "unknown"), ("[1]", "object"),
-     ('{"delay": -1}', "delay"), ('{"server_error_status": 404}', "5xx")],
+     ('{"delay": -1}', "delay"), ('{"delay": 1e300}', "at most 60"),
+     ('{"server_error_status": 404}', "5xx")],
 )  # fmt: skip
 def test_fault_settings_are_checked(raw: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
