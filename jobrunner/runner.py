@@ -15,7 +15,7 @@ Crash safety rests on three rules:
 
 A run is driven by one process at a time: it holds a claim in the store (owner + expiry), renewed
 by a side task. A claim whose owner is a dead process on this host, or whose expiry passed, is
-taken over.
+taken over (jobrunner.claims). A run is only driven through the backend it was submitted to.
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,10 +33,12 @@ from typing import Any, ParamSpec, TypeVar
 import anyio
 import anyio.to_thread
 
+from jobrunner.claims import CLAIM_TTL, RunBusy, new_owner_id, owner_is_alive
 from jobrunner.errors import JobrunnerError
 from jobrunner.events import EventHandler, RunEvent, ignore_events
-from jobrunner.logsync import LogCopier
+from jobrunner.logsync import LogCopier, SecretMasker
 from jobrunner.machines import AsyncMachinesClient
+from jobrunner.machines.create import is_ambiguous, submit_id_of
 from jobrunner.machines.errors import (
     Conflict,
     InsufficientCapacity,
@@ -48,42 +48,39 @@ from jobrunner.machines.errors import (
     WaitTimeout,
 )
 from jobrunner.machines.models import Machine
+from jobrunner.outcomes import TERMINAL, AttemptResult, read_outcome
 from jobrunner.spec import Job, JobSpecError
 from jobrunner.store import Attempt, Run, Store
 
 logger = logging.getLogger(__name__)
 
+# Re-exported: the CLI and callers import these from here.
+__all__ = [
+    "TERMINAL",
+    "AttemptResult",
+    "RunBusy",
+    "Runner",
+    "WrongBackend",
+    "owner_is_alive",
+    "sole_error",
+]
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
-CLAIM_TTL = 30.0
 SUPERVISE_EVERY = 1.0
 NO_DEADLINE = 10 * 365 * 86400.0
 MANAGED_TAG = "jobrunner_managed"
 
-TERMINAL = frozenset(
-    {"succeeded", "failed", "timed_out", "cancelled", "oom_killed", "lost", "create_failed"}
-)
 
+class WrongBackend(JobrunnerError):
+    """The run was submitted to another backend than the one this runner talks to."""
 
-class RunBusy(JobrunnerError):
-    """Another live process is driving this run."""
-
-    def __init__(self, run_id: str, owner: str) -> None:
-        super().__init__(f"run {run_id} is being driven by another process ({owner})")
-        self.run_id = run_id
-        self.owner = owner
-
-
-@dataclass(frozen=True)
-class AttemptResult:
-    outcome: str
-    exit_code: int | None = None
-    reason: str | None = None
-    oom_killed: bool = False
-    signal: int | None = None
-    requested_stop: bool = False
-    capacity: bool = False  # create failed for lack of capacity (retry rule `capacity`)
+    def __init__(self, run: Run, backend: str) -> None:
+        super().__init__(
+            f"run {run.id} runs on the {run.backend} backend, not {backend}; "
+            f"use --backend {run.backend} (or JOBRUNNER_BACKEND={run.backend}) for it"
+        )
 
 
 @dataclass
@@ -93,29 +90,6 @@ class _Drive:
     run_id: str
     cancel: anyio.Event = field(default_factory=anyio.Event)
     lost_claim: bool = False
-
-
-def new_owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def owner_is_alive(owner: str | None, expires_at: datetime | None) -> bool:
-    """Whether a claim still belongs to a live process."""
-    if not owner:
-        return False
-    now = datetime.now(UTC)
-    if expires_at is not None and expires_at < now:
-        return False
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host == socket.gethostname() and pid_text.isdigit():
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-    return True
 
 
 def machine_metadata(run: Run, attempt: Attempt, job: Job) -> dict[str, str]:
@@ -216,14 +190,24 @@ class Runner:
         run = await self._db(self.store.get_run, run_id)
         if run.state in TERMINAL:
             return run
+        if run.backend != self.backend:
+            raise WrongBackend(run, self.backend)  # its machine ids mean nothing here
         await self._claim(run)
         drive = _Drive(run.id)
+        if run.cancel_requested:
+            # A driver that died while cancelling may have stopped the machine already: without
+            # this, its exit would be read as an ordinary failure instead of the cancel it was.
+            drive.cancel.set()
         self._drives[run.id] = drive
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._supervise, drive)
                 await self._attempt_loop(drive)
                 tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Callers should see the API or ledger error itself, not "unhandled errors in a
+            # TaskGroup" (the CLI turns a JobrunnerError into one clear line).
+            raise sole_error(group) from None
         finally:
             self._drives.pop(run.id, None)
             with anyio.CancelScope(shield=True):
@@ -246,7 +230,11 @@ class Runner:
     async def reconcile(self) -> list[Run]:
         """Resume every unfinished run nobody drives, concurrently; return their final rows."""
         runs = await self._db(self.store.list_unfinished_runs)
-        orphaned = [r for r in runs if not owner_is_alive(r.owner, r.owner_expires_at)]
+        orphaned = [
+            r
+            for r in runs
+            if r.backend == self.backend and not owner_is_alive(r.owner, r.owner_expires_at)
+        ]
         results: list[Run] = []
 
         async def one(run: Run) -> None:
@@ -254,6 +242,12 @@ class Runner:
                 results.append(await self.drive(run.id))
             except RunBusy:
                 logger.info("run %s was claimed by another process meanwhile", run.id)
+            except JobrunnerError as exc:
+                # One run the API or ledger cannot finish now must not stop the others; it stays
+                # unfinished (and is returned as such) for the next reconcile.
+                self._emit("notice", run.id, f"could not finish run {run.id}: {exc}")
+                with contextlib.suppress(JobrunnerError):
+                    results.append(await self._db(self.store.get_run, run.id))
 
         async with anyio.create_task_group() as tg:
             for run in orphaned:
@@ -261,13 +255,21 @@ class Runner:
         return sorted(results, key=lambda r: r.created_at)
 
     async def orphan_machines(self) -> list[Machine]:
-        """Machines tagged by jobrunner that no unfinished run owns."""
+        """Machines tagged by jobrunner that no unfinished run owns.
+
+        A machine belongs to a live run when an attempt recorded its id, or when its
+        ``jobrunner_run_id`` tag names an unfinished run: between the create and the commit of
+        the machine id (or after a driver died right there) only the tag says whose it is.
+        """
         machines = await self.client.list_machines(metadata={MANAGED_TAG: "true"})
         live = await self._db(self.store.machine_ids_of_live_runs)
+        live_runs = {r.id for r in await self._db(self.store.list_unfinished_runs)}
         return [
             m
             for m in machines
-            if m.id not in live and m.state not in {"destroyed", "destroying", "replaced"}
+            if m.id not in live
+            and _tag(m, "jobrunner_run_id") not in live_runs
+            and m.state not in {"destroyed", "destroying", "replaced"}
         ]
 
     async def destroy_machine(self, machine_id: str) -> None:
@@ -327,18 +329,19 @@ class Runner:
         latest = await self._db(self.store.latest_attempt, run.id)
         if latest is not None and latest.outcome is None:
             return latest, False
+        # A final attempt decides the run (a cancelled attempt is final, with its own reason);
+        # only then does a pending cancel stop a retry from starting.
+        if latest is not None and not self._should_retry(job, run, latest):
+            await self._finish(
+                run, latest.outcome or "lost", exit_code=latest.exit_code, reason=latest.reason
+            )
+            return None, False
         if run.cancel_requested or drive.cancel.is_set():
             await self._finish(run, "cancelled", reason="cancelled before the next attempt started")
             return None, False
-        if latest is not None:
-            if not self._should_retry(job, run, latest):
-                await self._finish(
-                    run, latest.outcome or "lost", exit_code=latest.exit_code, reason=latest.reason
-                )
-                return None, False
-            if await self._sleep_until_due(drive, run):
-                await self._finish(run, "cancelled", reason="cancelled while waiting to retry")
-                return None, False
+        if latest is not None and await self._sleep_until_due(drive, run):
+            await self._finish(run, "cancelled", reason="cancelled while waiting to retry")
+            return None, False
         number = 1 if latest is None else latest.number + 1
         attempt = await self._db(
             self.store.create_attempt,
@@ -373,6 +376,7 @@ class Runner:
         return False
 
     async def _record_attempt(self, run: Run, attempt: Attempt, result: AttemptResult) -> None:
+        job = Job.from_snapshot(run.job_snapshot)
         await self._db(
             self.store.update_attempt,
             run.id,
@@ -383,10 +387,10 @@ class Runner:
             oom_killed=result.oom_killed,
             signal=result.signal,
             requested_stop=result.requested_stop,
-            reason=result.reason,
+            # API errors and exit details can quote the machine's config or output.
+            reason=self._masker(job).mask(result.reason) if result.reason else None,
             finished_at=datetime.now(UTC),
         )
-        job = Job.from_snapshot(run.job_snapshot)
         refreshed = await self._db(self.store.latest_attempt, run.id)
         if refreshed is not None and self._should_retry(job, run, refreshed):
             delay = job.retries.delay_for(attempt.number + 1)
@@ -427,6 +431,8 @@ class Runner:
         machine_id = attempt.machine_id
         if machine_id is None:
             found = None if fresh else await self._find_machine(attempt.submit_id, run)
+            if found is None and drive.cancel.is_set():
+                return AttemptResult("cancelled", reason="cancelled before its machine was created")
             if found is None:
                 created = await self._create(run, job, attempt)
                 if isinstance(created, AttemptResult):
@@ -456,7 +462,10 @@ class Runner:
             metadata={"jobrunner_submit_id": submit_id},
             app=self._app_of(run),
         )
-        return machines[0] if machines else None
+        # The metadata filter is documented only in prose: adopt only a machine that really
+        # carries the submit id, or a filter the server ignored would hand us a stranger's machine.
+        ours = [m for m in machines if submit_id_of(m) == submit_id]
+        return min(ours, key=lambda m: m.created_at or "") if ours else None
 
     async def _create(self, run: Run, job: Job, attempt: Attempt) -> Machine | AttemptResult:
         await self._transition(run, "creating", attempt.number, "creating machine")
@@ -477,6 +486,13 @@ class Runner:
                 last = exc
                 self._emit("notice", run.id, f"no capacity in {region or 'default region'}: {exc}")
             except MachinesAPIError as exc:
+                if is_ambiguous(exc):
+                    # A 5xx/408 may hide a create that took effect; the client looked already,
+                    # but the list is eventually consistent: look once more before recording a
+                    # failure while a machine may be running the job.
+                    found = await self._find_machine(attempt.submit_id, run)
+                    if found is not None:
+                        return found
                 return AttemptResult("create_failed", reason=str(exc))
         return AttemptResult("create_failed", reason=f"capacity: {last}", capacity=True)
 
@@ -494,6 +510,9 @@ class Runner:
             poll_interval=self._log_poll,
             drain_grace=self._log_grace,
             to_thread=self._db,
+            app=self._app_of(run),
+            since=attempt.created_at,
+            masker=self._masker(job),
         )
         forced: str | None = None
         async with anyio.create_task_group() as tg:
@@ -537,6 +556,7 @@ class Runner:
         return result
 
     async def _wait_started(self, run: Run, attempt: Attempt, machine_id: str) -> None:
+        began = time.monotonic()
         while True:
             try:
                 await self.client.wait(
@@ -549,10 +569,23 @@ class Runner:
                 break
             except MachineDestroyed:
                 return  # it already ran to completion
+            except NotFound:
+                return  # gone: _outcome decides between an exit event and "lost"
             except WaitTimeout:
-                machine = await self.client.get_machine(machine_id, app=self._app_of(run))
+                try:
+                    machine = await self.client.get_machine(machine_id, app=self._app_of(run))
+                except NotFound:
+                    return
                 if machine.state in {"stopped", "destroyed", "destroying", "failed"}:
                     return
+                # Pulling a large image can take minutes on Fly: say that it is still going.
+                waited = time.monotonic() - began
+                self._emit(
+                    "notice",
+                    run.id,
+                    f"machine {machine_id} is still starting ({machine.state}, {waited:.0f}s)",
+                    attempt=attempt.number,
+                )
         await self._db(
             self.store.update_attempt,
             run.id,
@@ -596,31 +629,30 @@ class Runner:
 
     async def _outcome(self, machine_id: str, app: str, forced: str | None) -> AttemptResult:
         try:
-            machine = await self.client.get_machine(machine_id, app=app)
+            machine: Machine | None = await self.client.get_machine(machine_id, app=app)
         except NotFound:
-            return AttemptResult(
-                forced or "lost", reason=f"machine {machine_id} vanished without an exit event"
-            )
-        details = machine.exit_event()
-        exit_code = machine.exit_code
-        common: dict[str, Any] = {
-            "exit_code": exit_code,
-            "oom_killed": bool(details and details.oom_killed),
-            "signal": details.signal if details else None,
-            "requested_stop": bool(details and details.requested_stop),
-        }
-        if forced == "timed_out":
-            return AttemptResult("timed_out", reason="the job exceeded its timeout", **common)
-        if forced == "cancelled":
-            return AttemptResult("cancelled", reason="cancelled by the user", **common)
-        if machine.last_exit() is None:
-            return AttemptResult(
-                "lost", reason=f"machine {machine_id} is {machine.state} without an exit event"
-            )
-        if details is not None and details.oom_killed:
-            return AttemptResult("oom_killed", reason="the job ran out of memory", **common)
-        if details is not None and details.error:
-            return AttemptResult("failed", reason=details.error, **common)
-        if exit_code == 0:
-            return AttemptResult("succeeded", **common)
-        return AttemptResult("failed", reason=f"exit code {exit_code}", **common)
+            machine = None
+        return read_outcome(machine_id, machine, forced)
+
+    def _masker(self, job: Job) -> SecretMasker:
+        """Masks the values of ``job``'s secrets (as this process sees them) in text we store."""
+        return SecretMasker(self.environ.get(name, "") for name in job.secrets)
+
+
+def _tag(machine: Machine, key: str) -> str | None:
+    config = machine.config or machine.incomplete_config
+    metadata = (config.metadata if config is not None else None) or {}
+    return metadata.get(key)
+
+
+def sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error inside (nested) task-group exception groups, or the group itself."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        else:
+            leaves.append(current)
+    return leaves[0] if len(leaves) == 1 else group

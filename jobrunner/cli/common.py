@@ -64,13 +64,17 @@ def print_json(data: Any) -> None:
 
 
 def exit_for_error(exc: BaseException) -> int:
+    """The documented exit code (docs/cli.md) for an expected error."""
     from jobrunner.spec import JobSpecError
+    from jobrunner.store import AmbiguousRunId, InvalidRunId, RunNotFound
 
     if isinstance(exc, JobSpecError):
         return exitcodes.INVALID_JOB
     if isinstance(exc, ConfigError):
         return exitcodes.CONFIG
-    return exitcodes.ERROR
+    if isinstance(exc, (RunNotFound, AmbiguousRunId, InvalidRunId)):
+        return exitcodes.USAGE  # a RUN argument that names no single run
+    return exitcodes.BACKEND_ERROR
 
 
 class JobrunnerGroup(click.Group):
@@ -78,7 +82,11 @@ class JobrunnerGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except BaseExceptionGroup as group:
+                # anyio task groups wrap what their tasks raise; report the error inside.
+                raise _sole_error(group) from None
         except JobrunnerError as exc:
             err.print(f"[bold red]error:[/] {_escape(str(exc))}")
             ctx.exit(exit_for_error(exc))
@@ -96,6 +104,12 @@ class JobrunnerGroup(click.Group):
                 " (set JOBRUNNER_DEBUG=1 for the traceback, and please report it)"
             )
             ctx.exit(exitcodes.ERROR)
+
+
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    from jobrunner.runner import sole_error
+
+    return sole_error(group)
 
 
 def _escape(text: str) -> str:

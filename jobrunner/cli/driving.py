@@ -16,9 +16,24 @@ from jobrunner.cli.common import err, print_json
 from jobrunner.cli.render import run_dict, styled_state
 from jobrunner.config import Settings
 from jobrunner.durations import format_duration
+from jobrunner.errors import JobrunnerError
 from jobrunner.events import RunEvent
-from jobrunner.runner import TERMINAL, Runner
+from jobrunner.runner import TERMINAL, Runner, sole_error
 from jobrunner.store import Run
+
+
+class RunInterrupted(JobrunnerError):
+    """The API or the ledger failed while this process drove a run; the run may be unfinished.
+
+    Its message is the failure plus how to pick the run up again (exit code BACKEND_ERROR).
+    """
+
+    def __init__(self, run_id: str, cause: BaseException) -> None:
+        super().__init__(
+            f"{cause}\nrun {run_id} may not be finished (its machine may still be running); "
+            f"`jobrunner wait {run_id}` resumes it and reports its outcome"
+        )
+        self.run_id = run_id
 
 
 class TerminalPrinter:
@@ -73,30 +88,33 @@ class DriveResult:
 async def drive_interactively(runner: Runner, run_id: str, *, announce: bool) -> DriveResult:
     """Drive ``run_id``; the first Ctrl-C cancels the run, a second one detaches."""
     result = DriveResult(run=None, detached=False)
-    async with anyio.create_task_group() as tg:
+    try:
+        async with anyio.create_task_group() as tg:
 
-        async def drive() -> None:
-            result.run = await runner.drive(run_id)
-            tg.cancel_scope.cancel()
+            async def drive() -> None:
+                result.run = await runner.drive(run_id)
+                tg.cancel_scope.cancel()
 
-        async def on_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                presses = 0
-                async for _ in signals:
-                    presses += 1
-                    if presses == 1:
-                        await anyio.to_thread.run_sync(runner.store.request_cancel, run_id)
-                        runner.request_cancel_local(run_id)
-                        if announce:
-                            err.print(
-                                "[yellow]cancelling the run[/] (press Ctrl-C again to detach)"
-                            )
-                    else:
-                        result.detached = True
-                        tg.cancel_scope.cancel()
+            async def on_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    presses = 0
+                    async for _ in signals:
+                        presses += 1
+                        if presses == 1:
+                            await anyio.to_thread.run_sync(runner.store.request_cancel, run_id)
+                            runner.request_cancel_local(run_id)
+                            if announce:
+                                err.print(
+                                    "[yellow]cancelling the run[/] (press Ctrl-C again to detach)"
+                                )
+                        else:
+                            result.detached = True
+                            tg.cancel_scope.cancel()
 
-        tg.start_soon(on_signals)
-        tg.start_soon(drive)
+            tg.start_soon(on_signals)
+            tg.start_soon(drive)
+    except BaseExceptionGroup as group:
+        raise sole_error(group) from None  # the caller reports the API or ledger error itself
     return result
 
 
@@ -105,13 +123,15 @@ def report(run: Run, attempts: list, *, as_json: bool) -> int:  # type: ignore[t
     if as_json:
         print_json(run_dict(run, attempts))
     else:
-        duration = format_duration(run.duration_s) if run.duration_s is not None else "?"
         line = f"run {run.id} {styled_state(run.state)}"
         if run.state == "failed" and run.exit_code is not None:
             line += f" with exit code {run.exit_code}"
-        elif run.reason and run.state not in ("succeeded",):
+        if run.duration_s is not None:
+            line += f" in {format_duration(run.duration_s)}"
+        said = run.state == "succeeded" or (run.state == "failed" and run.exit_code is not None)
+        if run.reason and not said:  # e.g. "the job exceeded its timeout", the API's refusal
             line += f": {escape(run.reason)}"
-        err.print(f"[dim]jobrunner:[/] {line} in {duration}")
+        err.print(f"[dim]jobrunner:[/] {line}")
     if run.finished_at is None:
         return exitcodes.DETACHED
     return exitcodes.for_outcome(run.state, run.exit_code)

@@ -12,9 +12,18 @@ import click
 
 from jobrunner.cli import exitcodes
 from jobrunner.cli.common import CliContext, common_options, err, print_json
-from jobrunner.cli.driving import TerminalPrinter, drive_interactively, report, spawn_driver
+from jobrunner.cli.driving import (
+    RunInterrupted,
+    TerminalPrinter,
+    drive_interactively,
+    report,
+    spawn_driver,
+)
+from jobrunner.cli.render import run_dict
 from jobrunner.config import Settings
 from jobrunner.durations import parse_duration
+from jobrunner.errors import JobrunnerError
+from jobrunner.runner import WrongBackend
 from jobrunner.session import open_runner, open_store
 from jobrunner.spec import Job, load_job
 from jobrunner.store import LogLine
@@ -84,10 +93,16 @@ async def _run(settings: Settings, job: Job, detach: bool, as_json: bool) -> int
                 click.echo(run.id)
                 err.print(f"[dim]jobrunner:[/] follow it with: jobrunner logs --follow {run.id}")
             return exitcodes.OK
-        result = await drive_interactively(runner, run.id, announce=not as_json)
+        try:
+            result = await drive_interactively(runner, run.id, announce=not as_json)
+        except JobrunnerError as exc:
+            raise RunInterrupted(run.id, exc) from exc
         if result.detached:
             spawn_driver(run.id, settings)
             err.print(f"detached; the run goes on. Reattach with: jobrunner wait {run.id}")
+            if as_json:  # scripts get the run id (and its state now) on stdout, as with --detach
+                current = await anyio.to_thread.run_sync(runner.store.get_run, run.id)
+                print_json(run_dict(current))
             return exitcodes.DETACHED
         final = result.run or run
         attempts = await anyio.to_thread.run_sync(runner.store.get_attempts, final.id)
@@ -108,7 +123,13 @@ def wait_command(run_id: str, ctx: CliContext) -> None:
 
 async def _wait(settings: Settings, run_id: str, as_json: bool) -> int:
     async with open_runner(settings, on_event=TerminalPrinter(quiet=as_json)) as runner:
-        run = await runner.wait(run_id)
+        found = await anyio.to_thread.run_sync(runner.store.get_run, run_id)  # RunNotFound: exit 2
+        try:
+            run = await runner.wait(found.id)
+        except WrongBackend:
+            raise  # its message says which --backend to use; "wait again" would not help
+        except JobrunnerError as exc:
+            raise RunInterrupted(found.id, exc) from exc
         attempts = await anyio.to_thread.run_sync(runner.store.get_attempts, run.id)
         return report(run, attempts, as_json=as_json)
 

@@ -6,12 +6,14 @@ import sys
 
 import anyio
 import click
+from rich.markup import escape
 
 from jobrunner.cli import exitcodes
 from jobrunner.cli.common import CliContext, common_options, err, out, print_json
 from jobrunner.cli.driving import TerminalPrinter, report
 from jobrunner.cli.render import run_detail, run_dict, runs_table
 from jobrunner.config import Settings
+from jobrunner.events import RunEvent
 from jobrunner.runner import RunBusy
 from jobrunner.session import open_runner, open_store
 from jobrunner.store import RUN_STATES
@@ -94,8 +96,13 @@ def reconcile_command(ctx: CliContext) -> None:
     sys.exit(anyio.run(_reconcile, settings, ctx.json))
 
 
+def _print_notices(event: RunEvent) -> None:
+    if event.kind == "notice":
+        err.print(f"[dim]jobrunner:[/] {escape(event.message)}")
+
+
 async def _reconcile(settings: Settings, as_json: bool) -> int:
-    async with open_runner(settings, on_event=TerminalPrinter(quiet=True)) as runner:
+    async with open_runner(settings, on_event=_print_notices) as runner:
         runs = await runner.reconcile()
         rows = [(r, await anyio.to_thread.run_sync(runner.store.get_attempts, r.id)) for r in runs]
     if as_json:
@@ -104,6 +111,14 @@ async def _reconcile(settings: Settings, as_json: bool) -> int:
         out.print(runs_table(rows))
     else:
         err.print("nothing to reconcile: every run is finished or has a live driver")
+    unfinished = [r.id for r, _ in rows if r.finished_at is None]
+    if unfinished:
+        # The reason for each was printed as it happened; the runs stay in the ledger as they were.
+        err.print(
+            f"{len(unfinished)} run(s) could not be finished now ({', '.join(unfinished)}); "
+            "run `jobrunner runs reconcile` again once the API or ledger answers"
+        )
+        return exitcodes.BACKEND_ERROR
     return exitcodes.OK
 
 

@@ -11,6 +11,7 @@ every statement lives in :mod:`.store`.
 
 from __future__ import annotations
 
+from jobrunner.states import ACTIVE_STATES, RUN_STATES, TERMINAL_STATES
 from jobrunner.store.engine import default_url, mask_url, normalise_url, resolve_url
 from jobrunner.store.errors import (
     AmbiguousRunId,
@@ -24,7 +25,6 @@ from jobrunner.store.errors import (
     StoreIntegrityError,
 )
 from jobrunner.store.records import Attempt, LogLine, LogLineIn, Run, Transition
-from jobrunner.store.states import ACTIVE_STATES, RUN_STATES, TERMINAL_STATES
 from jobrunner.store.store import MIN_PREFIX_LENGTH, Store
 
 __all__ = [

@@ -7,8 +7,8 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Self
 
+from jobrunner.states import TERMINAL_STATES
 from jobrunner.store.ids import SHORT_ID_LENGTH
-from jobrunner.store.states import TERMINAL_STATES
 
 __all__ = ["Attempt", "LogLine", "LogLineIn", "Run", "Transition"]
 

@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from jobrunner.states import ACTIVE_STATES, RUN_STATES, TERMINAL_STATES
 from jobrunner.store.engine import (
     READ_OPTION,
     create_store_engine,
@@ -30,10 +31,9 @@ from jobrunner.store.errors import (
     RunNotFound,
     StoreIntegrityError,
 )
-from jobrunner.store.ids import ID_LENGTH, new_run_id, normalise_prefix
+from jobrunner.store.ids import ALPHABET, ID_LENGTH, new_run_id, normalise_prefix
 from jobrunner.store.migrate import upgrade
 from jobrunner.store.records import Attempt, LogLine, LogLineIn, Run, Transition
-from jobrunner.store.states import ACTIVE_STATES, RUN_STATES, TERMINAL_STATES
 from jobrunner.store.tables import METADATA, AttemptRow, LogLineRow, RunRow, TransitionRow
 
 __all__ = ["MIN_PREFIX_LENGTH", "Store"]
@@ -73,6 +73,22 @@ ATTEMPT_FIELDS = frozenset(
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest id-alphabet string above every id starting with ``prefix`` (None if none).
+
+    Ids use only digits and capitals, which every collation orders as ASCII does, so the bound
+    holds on SQLite and on PostgreSQL whatever the database's locale.
+    """
+    chars = list(prefix)
+    while chars:
+        position = ALPHABET.index(chars[-1])
+        if position + 1 < len(ALPHABET):
+            chars[-1] = ALPHABET[position + 1]
+            return "".join(chars)
+        chars.pop()  # ...Z: carry into the character before
+    return None
 
 
 def _check_aware(fields: dict[str, Any]) -> None:
@@ -210,7 +226,14 @@ class Store:
             if len(prefix) >= ID_LENGTH:
                 rows = db.execute(runs.select().where(runs.c.id == prefix)).all()
             else:
-                query = runs.select().where(runs.c.id.startswith(prefix, autoescape=True))
+                # A range on the primary key, so the lookup is an index search, not a scan (LIKE
+                # cannot use the key's index on SQLite, nor on PostgreSQL outside the C locale).
+                query = runs.select().where(
+                    runs.c.id >= prefix, runs.c.id.startswith(prefix, autoescape=True)
+                )
+                upper = _prefix_upper_bound(prefix)
+                if upper is not None:
+                    query = query.where(runs.c.id < upper)
                 rows = db.execute(query.order_by(runs.c.id).limit(6)).all()
         if not rows:
             raise RunNotFound(run_id_or_prefix)

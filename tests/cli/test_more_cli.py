@@ -45,18 +45,20 @@ def test_logs_follow_prints_lines_until_the_run_ends(cli: Cli, tmp_path: Path) -
 def test_second_ctrl_c_detaches_and_the_run_still_finishes(cli: Cli, tmp_path: Path) -> None:
     job = tmp_path / "impatient.toml"
     job.write_text(LONG_JOB)
-    process = cli.popen("run", str(job))
+    process = cli.popen("run", str(job), "--json")
     try:
         run = wait_until_running(cli, "impatient")
         process.send_signal(signal.SIGINT)
         time.sleep(0.05)
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=30)
+        stdout, stderr = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 75, stderr
     assert f"jobrunner wait {run['id']}" in stderr
+    detached = json.loads(stdout)  # a script still learns which run goes on
+    assert detached["id"] == run["id"] and detached["outcome"] is None
     waited = cli("wait", str(run["id"]), timeout=60)
     assert waited.returncode == 130  # the first Ctrl-C's cancel was carried out in the background
     assert cli.json("runs", "show", str(run["id"]))["outcome"] == "cancelled"

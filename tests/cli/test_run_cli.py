@@ -58,6 +58,8 @@ def test_hello_and_fail_examples_and_the_ledger(cli: Cli) -> None:
 
     logs = cli("logs", runs["hello"]["id"])
     assert logs.returncode == 0 and "Hello" in logs.stdout
+    filtered = cli.json("runs", "list", "--job", "fail", "--state", "failed", "--limit", "1")
+    assert [r["id"] for r in filtered] == [runs["fail"]["id"]]
     shown = cli.json("runs", "show", runs["fail"]["id"][:8])
     assert shown["id"] == runs["fail"]["id"]
     assert [t["to"] for t in shown["transitions"]][-1] == "failed"
@@ -84,6 +86,7 @@ def test_env_and_timeout_overrides(cli: Cli, tmp_path: Path) -> None:
     slow.write_text(LONG_JOB)
     timed = cli("run", str(slow), "--timeout", "1s")
     assert timed.returncode == 124, timed.stderr
+    assert "timed_out in 1" in timed.stderr and "exceeded its timeout" in timed.stderr
 
 
 def test_sigkill_mid_run_then_reconcile_records_the_outcome(cli: Cli, tmp_path: Path) -> None:
@@ -160,7 +163,7 @@ def test_unknown_job_name_and_run_id_are_clear_errors(cli: Cli) -> None:
     missing = cli("run", "no-such-job")
     assert missing.returncode == 65 and "no-such-job" in missing.stderr
     unknown = cli("runs", "show", "ZZZZZZZZZZ")
-    assert unknown.returncode == 1 and "ZZZZZZZZZZ" in unknown.stderr
+    assert unknown.returncode == 2 and "ZZZZZZZZZZ" in unknown.stderr  # a bad RUN argument
     assert "Traceback" not in unknown.stderr
 
 

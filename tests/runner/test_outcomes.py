@@ -44,6 +44,12 @@ async def test_success_records_exit_code_machine_logs_and_transitions(
     assert machine.config.metadata is not None
     assert machine.config.metadata["jobrunner_run_id"] == run.id
     assert machine.config.metadata["jobrunner_submit_id"] == f"{run.id}.1"
+    assert machine.config.metadata["jobrunner_attempt"] == "1"
+    assert machine.config.metadata["jobrunner_job"] == "ok"
+    assert machine.config.metadata["jobrunner_managed"] == "true"
+    # what the ledger recorded about the machine is what the API says
+    assert attempts[0].instance_id == machine.instance_id
+    assert attempts[0].region == machine.region
 
 
 async def test_failure_records_the_jobs_exit_code(runner: Runner, store: Store) -> None:
@@ -73,6 +79,8 @@ async def test_timeout_stops_and_destroys_the_machine(
     machine = await client.get_machine(attempt.machine_id)
     assert machine.state in ("destroyed", "destroying")
     assert "start" in [line.message for line in store.get_logs(run.id)]
+    # the exit event's details are kept: the runner asked for this stop
+    assert attempt.outcome == "timed_out" and attempt.requested_stop is True
 
 
 async def test_oom_kill_is_its_own_outcome(runner: Runner) -> None:

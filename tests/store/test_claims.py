@@ -66,7 +66,7 @@ def test_takeover_only_from_the_expected_owner(store: Store, make_run: RunFactor
 
 
 def _claim_in_child(url: str, run_id: str, owner: str, barrier: Barrier, out: Connection) -> None:
-    # A forked child: open its own Store; never touch the parent's connections, and leave with
+    # A child process: open its own Store; never touch inherited connections, and leave with
     # os._exit so that inherited connections are not closed (that would break the parent's).
     code = 0
     try:
@@ -84,7 +84,9 @@ def _claim_in_child(url: str, run_id: str, owner: str, barrier: Barrier, out: Co
 def test_claim_race_between_processes_has_one_winner(
     store: Store, make_run: RunFactory, database_url: str
 ) -> None:
-    context = multiprocessing.get_context("fork")
+    # "spawn", not "fork": the test process has threads by now, and a forked child can inherit
+    # a lock one of them held.
+    context = multiprocessing.get_context("spawn")
     for _ in range(3):
         run = make_run()
         barrier = context.Barrier(2)

@@ -177,7 +177,9 @@ def _open_in_child(url: str, barrier: Barrier, out: Connection) -> None:
 
 
 def test_processes_opening_a_new_database_at_once_all_succeed(database_url: str) -> None:
-    context = multiprocessing.get_context("fork")
+    # "spawn", not "fork": by the time this runs, the test process has threads (event-loop
+    # portals, thread pools), and a forked child can inherit a lock one of them held.
+    context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(3)
     pipes = [context.Pipe(duplex=False) for _ in range(3)]
     children = [
@@ -188,7 +190,7 @@ def test_processes_opening_a_new_database_at_once_all_succeed(database_url: str)
         child.start()
     results = []
     for receiver, _sender in pipes:
-        assert receiver.poll(30), "a child did not report"
+        assert receiver.poll(60), "a child did not report"
         results.append(receiver.recv())
     for child in children:
         child.join(timeout=30)

@@ -1,4 +1,8 @@
-"""The vocabulary of run states, shared by the store, the runner and the CLI."""
+"""The vocabulary of run states, shared by the job spec, the store, the runner and the CLI.
+
+It lives at the top of the package because nothing it names belongs to one layer: the spec's retry
+rules, the ledger's columns and the runner's outcomes all speak it.
+"""
 
 from __future__ import annotations
 
