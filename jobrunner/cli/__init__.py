@@ -8,6 +8,9 @@ HTTP client, the database layer or the local backend.
 from __future__ import annotations
 
 import importlib
+import logging
+import os
+import sys
 
 import click
 
@@ -67,6 +70,14 @@ def main() -> None:
     With no FLY_API_TOKEN set, jobs run on the local Machines backend on this computer.
     Exit codes are listed in docs/cli.md.
     """
+    # Library warnings (a retried API call, a log copier giving up) go to stderr as one
+    # prefixed line each; JOBRUNNER_LOG_LEVEL=INFO or DEBUG shows more.
+    level = os.environ.get("JOBRUNNER_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.WARNING),
+        format="jobrunner: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 __all__ = ["main"]

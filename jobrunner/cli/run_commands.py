@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 import click
 
+from jobrunner.claims import owner_is_alive
 from jobrunner.cli import exitcodes
 from jobrunner.cli.common import CliContext, common_options, err, print_json
 from jobrunner.cli.driving import (
@@ -165,6 +166,7 @@ def logs_command(run_id: str, follow: bool, ctx: CliContext) -> None:
     try:
         run = store.get_run(run_id)
         last_id = 0
+        hinted = False
         while True:
             lines = store.get_logs(run.id, after_id=last_id)
             for line in lines:
@@ -179,6 +181,13 @@ def logs_command(run_id: str, follow: bool, ctx: CliContext) -> None:
                 if follow and lines:
                     continue  # drain what arrived before the run finished
                 return
+            if not hinted and not owner_is_alive(run.owner, run.owner_expires_at):
+                # Lines only arrive while some process drives the run; say how to get one.
+                err.print(
+                    f"[yellow]no process is driving run {run.id}[/]; "
+                    f"`jobrunner wait {run.id}` resumes it (this command keeps following)"
+                )
+                hinted = True
             time.sleep(0.5)
             run = store.get_run(run.id)
     finally:

@@ -134,3 +134,33 @@ def test_a_new_app_name_on_the_local_backend_just_works(cli: Cli) -> None:
     done = cli("run", "hello", "--app", "my-other-app", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["app"] == "my-other-app"
+
+
+def test_logs_follow_on_a_run_nobody_drives_says_how_to_resume_it(cli: Cli) -> None:
+    from jobrunner.store import Store
+
+    with Store(f"sqlite:///{cli.home / 'jobrunner.db'}") as store:
+        run = store.create_run(
+            job_name="orphan",
+            job_snapshot={},
+            backend="local",
+            app="jobrunner-local",
+            region=None,
+            max_attempts=1,
+            timeout_s=None,
+        )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobrunner", "logs", "--follow", run.id],
+        cwd=REPO,
+        env=cli.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(4)
+    finally:
+        process.kill()
+        _, stderr = process.communicate(timeout=10)
+    assert f"jobrunner wait {run.id}" in stderr
