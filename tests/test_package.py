@@ -49,3 +49,20 @@ def test_every_doc_the_readme_links_exists() -> None:
     links = re.findall(r"\]\((docs/[^)]+)\)", readme)
     assert links
     assert [link for link in links if not (REPO / link).exists()] == []
+
+
+def test_the_public_names_import_from_the_package_root() -> None:
+    from jobrunner import AsyncJobRunner, Job, JobRunner, JobSpecError, RetryPolicy, Run, load_job
+
+    assert {cls.__name__ for cls in (AsyncJobRunner, JobRunner, Job, Run)} == {
+        "AsyncJobRunner",
+        "JobRunner",
+        "Job",
+        "Run",
+    }
+    assert (
+        callable(load_job)
+        and issubclass(JobSpecError, Exception)
+        and RetryPolicy().max_attempts == 1
+    )
+    assert sorted(jobrunner.__all__) == jobrunner.__all__
