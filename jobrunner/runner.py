@@ -268,7 +268,7 @@ class Runner:
             m
             for m in machines
             if m.id not in live
-            and _tag(m, "jobrunner_run_id") not in live_runs
+            and m.metadata_value("jobrunner_run_id") not in live_runs
             and m.state not in {"destroyed", "destroying", "replaced"}
         ]
 
@@ -318,7 +318,7 @@ class Runner:
             if attempt is None:
                 continue  # the run was finished (cancelled or out of retries)
             result = await self._drive_attempt(drive, run, job, attempt, fresh=fresh)
-            await self._record_attempt(run, attempt, result)
+            await self._record_attempt(run, job, attempt, result)
 
     async def _next_attempt(self, drive: _Drive, run: Run, job: Job) -> tuple[Attempt | None, bool]:
         """The attempt to work on: the unfinished latest one, or a new one if a retry is due.
@@ -375,9 +375,10 @@ class Runner:
             return True
         return False
 
-    async def _record_attempt(self, run: Run, attempt: Attempt, result: AttemptResult) -> None:
-        job = Job.from_snapshot(run.job_snapshot)
-        await self._db(
+    async def _record_attempt(
+        self, run: Run, job: Job, attempt: Attempt, result: AttemptResult
+    ) -> None:
+        finished = await self._db(
             self.store.update_attempt,
             run.id,
             attempt.number,
@@ -391,23 +392,18 @@ class Runner:
             reason=self._masker(job).mask(result.reason) if result.reason else None,
             finished_at=datetime.now(UTC),
         )
-        refreshed = await self._db(self.store.latest_attempt, run.id)
-        if refreshed is not None and self._should_retry(job, run, refreshed):
+        if self._should_retry(job, run, finished):
             delay = job.retries.delay_for(attempt.number + 1)
+            reason = f"attempt {attempt.number} {result.outcome}; retrying in {delay:.0f}s"
             await self._db(
                 self.store.transition_run,
                 run.id,
                 "pending",
-                reason=f"attempt {attempt.number} {result.outcome}; retrying in {delay:.0f}s",
+                reason=reason,
                 attempt_number=attempt.number,
                 next_attempt_at=datetime.fromtimestamp(time.time() + delay, UTC),
             )
-            self._emit(
-                "retry",
-                run.id,
-                f"attempt {attempt.number} {result.outcome}; retrying in {delay:.0f}s",
-                attempt=attempt.number,
-            )
+            self._emit("retry", run.id, reason, attempt=attempt.number)
 
     async def _finish(
         self, run: Run, outcome: str, *, exit_code: int | None = None, reason: str | None = None
@@ -439,7 +435,7 @@ class Runner:
                     return created
                 found = created
             machine_id = found.id
-            await self._db(
+            attempt = await self._db(
                 self.store.update_attempt,
                 run.id,
                 attempt.number,
@@ -451,8 +447,6 @@ class Runner:
             await self._transition(
                 run, "starting", attempt.number, f"machine {found.id} created in {found.region}"
             )
-            refreshed = await self._db(self.store.latest_attempt, run.id)
-            attempt = refreshed if refreshed is not None else attempt
         return await self._watch(drive, run, job, attempt, machine_id)
 
     async def _find_machine(self, submit_id: str, run: Run) -> Machine | None:
@@ -637,12 +631,6 @@ class Runner:
     def _masker(self, job: Job) -> SecretMasker:
         """Masks the values of ``job``'s secrets (as this process sees them) in text we store."""
         return SecretMasker(self.environ.get(name, "") for name in job.secrets)
-
-
-def _tag(machine: Machine, key: str) -> str | None:
-    config = machine.config or machine.incomplete_config
-    metadata = (config.metadata if config is not None else None) or {}
-    return metadata.get(key)
 
 
 def sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

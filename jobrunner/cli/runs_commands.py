@@ -14,6 +14,7 @@ from jobrunner.cli.driving import TerminalPrinter, report
 from jobrunner.cli.render import run_detail, run_dict, runs_table
 from jobrunner.config import Settings
 from jobrunner.events import RunEvent
+from jobrunner.machines.models import Machine
 from jobrunner.runner import RunBusy
 from jobrunner.session import open_runner, open_store
 from jobrunner.store import RUN_STATES
@@ -160,7 +161,7 @@ def gc_command(yes: bool, dry_run: bool, ctx: CliContext) -> None:
                     destroy = False
                 else:
                     for m in orphans:
-                        err.print(f"  {m.id}  {m.state}  run={_tag(m, 'jobrunner_run_id')}")
+                        err.print(f"  {m.id}  {m.state}  run={_run_of(m)}")
                     destroy = click.confirm(f"destroy these {len(orphans)} machines?")
             destroyed = []
             if destroy:
@@ -174,7 +175,7 @@ def gc_command(yes: bool, dry_run: bool, ctx: CliContext) -> None:
                         {
                             "machine_id": m.id,
                             "state": m.state,
-                            "run_id": _tag(m, "jobrunner_run_id"),
+                            "run_id": _run_of(m),
                         }
                         for m in orphans
                     ],
@@ -190,7 +191,6 @@ def gc_command(yes: bool, dry_run: bool, ctx: CliContext) -> None:
     sys.exit(anyio.run(go))
 
 
-def _tag(machine: object, key: str) -> str:
-    config = getattr(machine, "config", None)
-    metadata = getattr(config, "metadata", None) or {}
-    return str(metadata.get(key, "?"))
+def _run_of(machine: Machine) -> str:
+    """The run a tagged machine was created for ("?" when the tag is missing)."""
+    return machine.metadata_value("jobrunner_run_id") or "?"

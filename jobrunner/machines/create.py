@@ -71,9 +71,7 @@ def tag_config(config: MachineConfig | Mapping[str, Any]) -> tuple[MachineConfig
 
 def submit_id_of(machine: Machine) -> str | None:
     """The submit id a machine was created with, if it carries one."""
-    config = machine.config or machine.incomplete_config
-    metadata = (config.metadata if config is not None else None) or {}
-    return metadata.get(SUBMIT_ID_KEY)
+    return machine.metadata_value(SUBMIT_ID_KEY)
 
 
 def is_ambiguous(exc: MachinesError) -> bool:

@@ -207,6 +207,12 @@ class Machine(FlyModel):
     host_status: str | None = None
     cordoned: bool | None = None
 
+    def metadata_value(self, key: str) -> str | None:
+        """A ``config.metadata`` entry (``incomplete_config`` when the host sent no config)."""
+        config = self.config or self.incomplete_config
+        metadata = (config.metadata if config is not None else None) or {}
+        return metadata.get(key)
+
     def last_exit(self) -> MachineEvent | None:
         """The newest ``exit`` event that is newer than the newest ``start`` event.
 
