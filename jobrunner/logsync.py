@@ -20,18 +20,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 
-import anyio
-
 from jobrunner.events import EventHandler, RunEvent
 from jobrunner.machines import AsyncMachinesClient
-from jobrunner.machines.errors import (
-    BadRequest,
-    MachinesAPIError,
-    MachinesError,
-    NotFound,
-    Unauthorized,
-)
-from jobrunner.machines.models import LogEntry
+from jobrunner.machines.errors import BadRequest, MachinesError
+from jobrunner.machines.logs import poll_log_pages
+from jobrunner.machines.models import LogEntry, LogsPage
 from jobrunner.store import LogLineIn, Store
 
 logger = logging.getLogger(__name__)
@@ -126,14 +119,23 @@ class LogCopier:
             self._exited_at = time.monotonic()
 
     async def run(self) -> None:
-        """Copy lines until the machine has exited and the grace period has passed."""
-        errors = 0
+        """Copy lines until the machine has exited and the grace period has passed.
+
+        Polling, error backoff and giving up are the client's (``poll_log_pages``); this adds
+        the fall-back from our own start token and stops quietly when logs are unavailable,
+        since a run must not fail for want of its logs.
+        """
         while True:
             try:
-                page = await self._client.get_logs(
-                    instance=self._machine_id, next_token=self._next_token, app=self._app
-                )
-                errors = 0
+                async for page in poll_log_pages(
+                    self._fetch,
+                    next_token=self._next_token,
+                    poll_interval=self._poll,
+                    until=self._drained,
+                ):
+                    self._made_token = False  # the API took our token; its own come next
+                    await self._save(page.entries)
+                return
             except BadRequest as exc:
                 if not self._made_token:
                     logger.warning("logs for machine %s unavailable: %s", self._machine_id, exc)
@@ -141,25 +143,17 @@ class LogCopier:
                 # A logs API that does not take a timestamp as a token: page from its default.
                 logger.info("logs API refused a start token (%s); paging from its default", exc)
                 self._next_token, self._made_token = None, False
-                continue
-            except (NotFound, Unauthorized) as exc:
+            except MachinesError as exc:  # 401/404, or too many errors in a row
                 logger.warning("logs for machine %s unavailable: %s", self._machine_id, exc)
                 return
-            except (MachinesAPIError, MachinesError) as exc:
-                errors += 1
-                if errors >= 10:
-                    logger.warning("giving up on logs for %s: %s", self._machine_id, exc)
-                    return
-                await anyio.sleep(min(8.0, self._poll * 2**errors))
-                continue
-            if page.entries:
-                await self._save(page.entries)
-                if page.next_token and page.next_token != self._next_token:
-                    self._next_token, self._made_token = page.next_token, False
-                    continue  # more may be waiting: ask again at once, as flyctl does
-            if self._exited_at is not None and time.monotonic() - self._exited_at >= self._grace:
-                return
-            await anyio.sleep(self._poll)
+
+    async def _fetch(self, token: str) -> LogsPage:
+        return await self._client.get_logs(
+            instance=self._machine_id, next_token=token, app=self._app
+        )
+
+    def _drained(self) -> bool:
+        return self._exited_at is not None and time.monotonic() - self._exited_at >= self._grace
 
     async def _save(self, entries: list[LogEntry]) -> None:
         lines = [

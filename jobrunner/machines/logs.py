@@ -8,8 +8,9 @@ case-insensitive key matching, so keys are matched case-insensitively here too.
 
 Following: an empty page means "nothing new": sleep ``poll_interval`` and ask again; after a
 non-empty page ask again at once. The last non-empty ``next_token`` is kept. Errors back off
-(doubling up to 8 s); 10 errors in a row give up, and 401/404 stop at once (a bad token or app
-will not fix itself). These follows are not rate limited by the client (see ratelimit.py).
+(doubling up to 8 s); 10 errors in a row give up, and 400/401/404 stop at once (a refused
+token, a bad credential or app will not fix itself). These follows are not rate limited by the
+client (see ratelimit.py). The run ledger's log copier (jobrunner.logsync) uses the same loop.
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from jobrunner.machines._requests import app_path
-from jobrunner.machines.clock import Clock
-from jobrunner.machines.errors import MachinesError, NotFound, Unauthorized
+from jobrunner.machines.clock import SYSTEM_CLOCK, Clock
+from jobrunner.machines.errors import BadRequest, MachinesError, NotFound, Unauthorized
 from jobrunner.machines.models import LogEntry, LogsPage
 
-__all__ = ["MAX_CONSECUTIVE_ERRORS", "follow_log_pages", "logs_path", "parse_logs_page"]
+__all__ = [
+    "MAX_CONSECUTIVE_ERRORS",
+    "follow_log_pages",
+    "logs_path",
+    "parse_logs_page",
+    "poll_log_pages",
+]
 
 MAX_CONSECUTIVE_ERRORS = 10
 _ERROR_FIRST_DELAY = 0.5
@@ -65,12 +72,30 @@ async def follow_log_pages(
     next_token: str | None,
     poll_interval: float,
     until: Callable[[], bool] | None,
-    clock: Clock,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[LogEntry]:
-    """Yield log lines as they arrive; ``fetch(token)`` gets one page (see the module docstring).
+    """Yield log lines as they arrive; ``fetch(token)`` gets one page (see the module docstring)."""
+    async for page in poll_log_pages(
+        fetch, next_token=next_token, poll_interval=poll_interval, until=until, clock=clock
+    ):
+        for entry in page.entries:
+            yield entry
+
+
+async def poll_log_pages(
+    fetch: Callable[[str], Awaitable[LogsPage]],
+    *,
+    next_token: str | None,
+    poll_interval: float,
+    until: Callable[[], bool] | None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> AsyncIterator[LogsPage]:
+    """Yield each non-empty page as it arrives, so a caller can store a page in one write.
 
     Stops when ``until()`` is true after an empty page; raises after too many errors in a row,
-    or at once on 401/404.
+    or at once on 400/401/404 (a refused token, a bad credential or app will not fix itself).
+    A non-empty page whose token did not move on is not asked for again at once: the API
+    would keep answering it, and the loop would spin.
     """
     token = next_token or ""
     errors = 0
@@ -78,7 +103,7 @@ async def follow_log_pages(
     while True:
         try:
             page = await fetch(token)
-        except (Unauthorized, NotFound):
+        except (BadRequest, Unauthorized, NotFound):
             raise
         except MachinesError:
             errors += 1
@@ -89,12 +114,13 @@ async def follow_log_pages(
             continue
         errors = 0
         error_delay = _ERROR_FIRST_DELAY
+        advanced = bool(page.next_token) and page.next_token != token
         if page.next_token:
             token = page.next_token
         if page.entries:
-            for entry in page.entries:
-                yield entry
-            continue
+            yield page
+            if advanced:
+                continue
         if until is not None and until():
             return
         await clock.sleep(poll_interval)
