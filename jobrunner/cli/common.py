@@ -39,6 +39,20 @@ out = _console(stderr=False)
 err = _console(stderr=True)
 
 
+def utf8_flag(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A click callback refusing a flag's text that is not valid UTF-8 (exit 2).
+
+    The shell passes bytes that are not UTF-8 as lone surrogates, which no API or ledger query can
+    carry; without this the command would fail later with an internal error.
+    """
+    from jobrunner.spec.text import utf8_problem
+
+    problem = utf8_problem(value) if isinstance(value, str) else None
+    if problem is not None:
+        raise click.BadParameter(f"{problem}; pass UTF-8 text", ctx=ctx, param=param)
+    return value
+
+
 def common_options(fn: F) -> F:
     """Add --json, --backend and --app to a command and pass a CliContext as ``ctx``."""
 
@@ -50,7 +64,12 @@ def common_options(fn: F) -> F:
         help="Machines backend [env JOBRUNNER_BACKEND; default: fly if FLY_API_TOKEN is set, "
         "else local].",
     )
-    @click.option("--app", envvar="FLY_APP", help="Fly app the machines run in [env FLY_APP].")
+    @click.option(
+        "--app",
+        envvar="FLY_APP",
+        callback=utf8_flag,
+        help="Fly app the machines run in [env FLY_APP].",
+    )
     @functools.wraps(fn)
     def wrapper(*args: Any, as_json: bool, backend: str | None, app: str | None, **kw: Any) -> Any:
         return fn(*args, ctx=CliContext(json=as_json, backend=backend, app=app), **kw)

@@ -24,7 +24,8 @@ from pydantic import (
 )
 
 from jobrunner.machines.models import File
-from jobrunner.spec.problems import spec_error
+from jobrunner.spec.problems import Utf8Str, spec_error
+from jobrunner.spec.text import utf8_problem
 
 __all__ = ["FILE_KEYS", "JobFile"]
 
@@ -40,14 +41,14 @@ class JobFile(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    guest_path: str
-    content: str | None = None
+    guest_path: Utf8Str
+    content: Utf8Str | None = None
     source: str | None = None
     secret_name: str | None = None
     mode: int | None = None
     # Base64 of the bytes for content/source files. Filled in by validation; accepted as input
     # only when rebuilding from a snapshot (validation context {"snapshot": True}).
-    raw_value: str | None = Field(default=None, repr=False)
+    raw_value: Utf8Str | None = Field(default=None, repr=False)
 
     @field_validator("guest_path")
     @classmethod
@@ -58,6 +59,15 @@ class JobFile(BaseModel):
             raise spec_error("must name a file, not a folder", "write e.g. '/etc/app/config.json'")
         if ".." in value.split("/"):
             raise spec_error("must not contain '..'", "write the path without '..'")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        # The file's bytes go base64, but its path is kept in the run's snapshot (JSON).
+        problem = utf8_problem(value)
+        if problem is not None:
+            raise spec_error(problem, "rename the file (or its folder) to a UTF-8 name")
         return value
 
     @field_validator("secret_name")

@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobrunner.machines.models import Guest
-from jobrunner.spec.problems import spec_error
+from jobrunner.spec.problems import Utf8Str, spec_error
 
 __all__ = ["DEFAULT_SIZE", "SIZE_PRESETS", "GuestSpec", "preset_guest", "size_problem"]
 
@@ -80,7 +80,7 @@ class GuestSpec(BaseModel):
     cpus: int | None = Field(default=None, ge=1)
     memory_mb: int | None = Field(default=None, ge=1)
     cpu_kind: CpuKind | None = None
-    gpu_kind: str | None = None
+    gpu_kind: Utf8Str | None = None
     gpus: int | None = Field(default=None, ge=1)
 
     def resolved(self) -> Guest:

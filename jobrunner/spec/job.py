@@ -34,10 +34,12 @@ from jobrunner.spec.problems import (
     MISSING,
     JobSpecError,
     Problem,
+    Utf8Str,
     problems_from_errors,
     spec_error,
 )
 from jobrunner.spec.retry import RetryPolicy, duration_field
+from jobrunner.spec.text import is_utf8, printable
 
 __all__ = ["SNAPSHOT_FORMAT", "Job"]
 
@@ -62,13 +64,15 @@ class Job(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
+    # Free-form text is Utf8Str (refused unless it can be sent as JSON); the other strings are
+    # checked against patterns or lists of names that hold only ASCII.
     name: str
-    description: str = ""
-    image: str
-    cmd: list[str] | None = None
-    entrypoint: list[str] | None = None
-    exec: list[str] | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    description: Utf8Str = ""
+    image: Utf8Str
+    cmd: list[Utf8Str] | None = None
+    entrypoint: list[Utf8Str] | None = None
+    exec: list[Utf8Str] | None = None
+    env: dict[Utf8Str, Utf8Str] = Field(default_factory=dict)
     secrets: list[str] = Field(default_factory=list)
     files: list[JobFile] = Field(default_factory=list)
     guest: GuestSpec | None = None
@@ -79,7 +83,7 @@ class Job(BaseModel):
     stop_signal: str = "SIGINT"
     stop_timeout: float = 10.0
     retries: RetryPolicy = Field(default_factory=RetryPolicy)
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[Utf8Str, Utf8Str] = Field(default_factory=dict)
     app: str | None = None
 
     _source_path: Path | None = PrivateAttr(default=None)
@@ -262,6 +266,18 @@ class Job(BaseModel):
         context = info.context or {}
         file = context.get("file")
         problems = _whole_job_problems(data, context.get("environ"), file)
+        source_path = context.get("source_path")
+        if source_path is not None and not is_utf8(str(source_path)):
+            # The path is kept in the run's snapshot, which the ledger stores as JSON.
+            problems.append(
+                Problem(
+                    file or printable(str(source_path)),
+                    "",
+                    MISSING,
+                    "the job file's path is not valid UTF-8 text",
+                    "rename the file (or its folder) to a UTF-8 name",
+                )
+            )
         try:
             job = handler(data)
         except ValidationError as exc:
@@ -296,8 +312,9 @@ class Job(BaseModel):
         )
 
     def secret_env(self, environ: Mapping[str, str]) -> dict[str, str]:
-        """The secrets' values from ``environ``; :class:`JobSpecError` names any that are unset."""
-        problems = _missing_secret_problems(self.secrets, environ, str(self.source_path or ""))
+        """The secrets' values from ``environ``; :class:`JobSpecError` names any that are unset
+        or not valid UTF-8 (naming only the variable, never showing its value)."""
+        problems = _secret_problems(self.secrets, environ, str(self.source_path or ""))
         if problems:
             raise JobSpecError(problems)
         return {name: environ[name] for name in self.secrets}
@@ -431,22 +448,29 @@ def _whole_job_problems(
                         )
                     )
         if environ is not None:
-            problems.extend(_missing_secret_problems(secrets, environ, file))
+            problems.extend(_secret_problems(secrets, environ, file))
     return problems
 
 
-def _missing_secret_problems(
+def _secret_problems(
     secrets: list[str], environ: Mapping[str, str], file: str | None
 ) -> list[Problem]:
-    # Only the variable's name is ever shown; a secret's value never goes into a problem.
-    return [
-        Problem(
-            file or None,
-            f"secrets[{index}]",
-            name,
-            f"environment variable {name} is not set",
-            f"export {name} in the shell that submits the job, or remove it from secrets",
-        )
-        for index, name in enumerate(secrets)
-        if name not in environ
-    ]
+    # Only the variable's name is ever shown; a secret's value (not even where in it a bad
+    # character sits) never goes into a problem.
+    problems: list[Problem] = []
+    for index, name in enumerate(secrets):
+        if name not in environ:
+            message = f"environment variable {name} is not set"
+            fix = f"export {name} in the shell that submits the job, or remove it from secrets"
+        elif not is_utf8(environ[name]):
+            message = (
+                f"the value of environment variable {name} is not valid UTF-8 text "
+                "(it is a secret, so it is not shown), and the Machines API takes only UTF-8"
+            )
+            fix = (
+                f"export {name} as UTF-8 text (base64-encode binary data and decode it in the job)"
+            )
+        else:
+            continue
+        problems.append(Problem(file or None, f"secrets[{index}]", name, message, fix))
+    return problems

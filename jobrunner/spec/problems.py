@@ -12,13 +12,15 @@ import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import AfterValidator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from jobrunner.errors import JobrunnerError
+from jobrunner.spec.text import UTF8_FIX, printable, utf8_problem
 
-__all__ = ["MISSING", "JobNotFound", "JobSpecError", "Problem", "spec_error"]
+__all__ = ["MISSING", "JobNotFound", "JobSpecError", "Problem", "Utf8Str", "spec_error"]
 
 
 class _Missing:
@@ -59,7 +61,7 @@ class Problem:
     def __str__(self) -> str:
         parts: list[str] = []
         if self.file:
-            parts.append(self.file)
+            parts.append(printable(self.file))
         if self.line is not None:
             parts.append(f"line {self.line}, column {self.column or 1}")
         if self.key:
@@ -117,14 +119,28 @@ def spec_error(message: str, fix: str, *, key: str | int | None = None) -> Pydan
     )
 
 
+def _check_utf8(value: str) -> str:
+    problem = utf8_problem(value)
+    if problem is not None:
+        raise spec_error(problem, UTF8_FIX)
+    return value
+
+
+# A string of a job (a field, list item, or table key or value): refused unless it can be encoded
+# as UTF-8, since it goes to the Machines API and the ledger as JSON (see jobrunner.spec.text).
+Utf8Str = Annotated[str, AfterValidator(_check_utf8)]
+
+
 def dotted_key(loc: Iterable[int | str]) -> str:
-    """``("files", 1, "guest_path")`` -> ``"files[1].guest_path"``."""
+    """``("files", 1, "guest_path")`` -> ``"files[1].guest_path"`` (printable: a key holding
+    text UTF-8 cannot encode shows it escaped, ``env.\\udcff``)."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            part = printable(str(part))
+            out += f".{part}" if out else part
     return out
 
 
@@ -245,7 +261,28 @@ def problems_from_errors(
     errors: Iterable[ErrorDetails], *, file: str | None, allowed_keys: Mapping[str, Sequence[str]]
 ) -> list[Problem]:
     """Translate pydantic error details into Problems."""
+    errors = list(errors)
+    # Pydantic spells a table key that is not valid UTF-8 lossily in every loc; its "[key]" error
+    # holds the real key, so the errors about that key's value can name it too.
+    real_keys = {
+        tuple(error["loc"][:-1]): error["input"]
+        for error in errors
+        if error["loc"][-1:] == ("[key]",) and isinstance(error["input"], str)
+    }
+    if real_keys:
+        errors = [_with_real_key(error, real_keys) for error in errors]
     return [_problem_from_error(error, file, allowed_keys) for error in errors]
+
+
+def _with_real_key(
+    error: ErrorDetails, real_keys: Mapping[tuple[int | str, ...], str]
+) -> ErrorDetails:
+    loc = tuple(error["loc"])
+    for size in range(len(loc), 0, -1):
+        real = real_keys.get(loc[:size])
+        if real is not None:
+            return {**error, "loc": (*loc[: size - 1], real, *loc[size:])}
+    return error
 
 
 def _problem_from_error(
@@ -255,6 +292,14 @@ def _problem_from_error(
     ctx = error.get("ctx") or {}
     kind = error["type"]
     value = error.get("input", MISSING)
+    if len(loc) >= 2 and loc[-1] == "[key]":
+        # A table's key (not its value) is wrong: pydantic's loc spells the key lossily when it is
+        # not valid UTF-8, while the input is the key itself.
+        loc = [*loc[:-2], value if isinstance(value, str) else loc[-2]]
+        message = ctx.get("message") if kind == SPEC_ERROR_TYPE else _TYPE_MESSAGES.get(kind)
+        fix = ctx.get("fix") if kind == SPEC_ERROR_TYPE else _example_fix(_schema_path(loc))
+        message = message or _generic_message(kind, ctx, error["msg"])
+        return Problem(file, dotted_key(loc), MISSING, f"the name {message}", str(fix))
     if kind == SPEC_ERROR_TYPE:
         sub_key = ctx.get("key")
         if isinstance(sub_key, (str, int)) and sub_key != "":

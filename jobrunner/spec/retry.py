@@ -8,13 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobrunner.durations import parse_duration
 from jobrunner.spec.problems import spec_error
-from jobrunner.states import TERMINAL_STATES
+from jobrunner.states import ATTEMPT_OUTCOMES
 
 __all__ = ["OUTCOMES", "RetryPolicy"]
 
 # Terminal outcomes of an attempt (the run's terminal states), plus "capacity": a create that
 # failed for lack of capacity, as opposed to "create_failed" for any other create error.
-OUTCOMES = TERMINAL_STATES | {"capacity"}
+OUTCOMES = ATTEMPT_OUTCOMES | {"capacity"}
 
 
 def duration_field(value: Any, *, minimum_exclusive: bool = False) -> float:
