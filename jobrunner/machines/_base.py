@@ -7,11 +7,16 @@ mapping of a failure to an exception (``errors.py``), and the retry policy (``re
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 from typing import Any, Self
 
+import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from jobrunner import __version__
 from jobrunner.errors import ConfigError
@@ -19,14 +24,107 @@ from jobrunner.machines._requests import Params, parse_json
 from jobrunner.machines.clock import SYSTEM_CLOCK, Clock
 from jobrunner.machines.config import ClientConfig
 from jobrunner.machines.errors import MachinesConnectionError, error_from_response
-from jobrunner.machines.ratelimit import RateLimiter
+from jobrunner.machines.ratelimit import Limiter, RateLimiter
 from jobrunner.machines.retry import RetryPolicy, is_transient, nothing_happened, retry_call
 
-__all__ = ["NONCE_HEADER", "ClientBase"]
+__all__ = ["NONCE_HEADER", "ClientBase", "default_transport"]
 
 log = logging.getLogger("jobrunner.machines.client")
 
 NONCE_HEADER = "fly-machine-lease-nonce"
+
+# No cap on connections: every wait holds one open for up to 60 s, and a worker may wait on a
+# thousand machines at once; a cap would starve every other call behind them.
+_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=100)
+
+# aiohttp's failures as httpx's own transport raises the same ones, most specific first.
+# errors.py reads "never sent" from ConnectError/ConnectTimeout/PoolTimeout, so a reset or a
+# hang-up after the request went out must not land there; httpx-aiohttp's own table maps every
+# ClientConnectionError to ConnectTimeout and lets a bad status line escape unwrapped.
+_AIOHTTP_ERRORS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
+    (aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout),  # connect, or wait for the pool
+    (aiohttp.ServerTimeoutError, httpx.ReadTimeout),  # sock_read
+    (aiohttp.ClientConnectorError, httpx.ConnectError),  # refused, DNS, TLS handshake
+    (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError),
+    (aiohttp.ClientPayloadError, httpx.RemoteProtocolError),  # body cut short
+    (aiohttp.ClientResponseError, httpx.RemoteProtocolError),  # not HTTP
+    (aiohttp.InvalidURL, httpx.UnsupportedProtocol),
+    (aiohttp.ClientConnectionError, httpx.ReadError),  # reset and other OS errors
+    (aiohttp.ClientError, httpx.TransportError),
+    (TimeoutError, httpx.ReadTimeout),
+)
+
+
+@contextlib.contextmanager
+def _httpx_errors(request: httpx.Request) -> Iterator[None]:
+    """Raise an aiohttp failure (bare, or as httpx-aiohttp wrapped it) as httpx would."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, aiohttp.ClientError | TimeoutError):
+            raise
+        raise _mapped(cause, request) from cause
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _mapped(exc, request) from exc
+
+
+def _mapped(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
+    target = next(target for source, target in _AIOHTTP_ERRORS if isinstance(exc, source))
+    # One line, as every MachinesError's text is: aiohttp's parser errors span several.
+    return target(" ".join(str(exc).split()) or type(exc).__name__, request=request)
+
+
+class _MappedStream(httpx.AsyncByteStream):
+    """A response body whose read failures come out as httpx errors (see ``_httpx_errors``)."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, request: httpx.Request) -> None:
+        self._inner = inner
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _httpx_errors(self._request):
+            async for chunk in self._inner:
+                yield chunk
+
+    async def aclose(self) -> None:
+        with _httpx_errors(self._request):
+            await self._inner.aclose()
+
+
+class _AiohttpTransport(AiohttpTransport):
+    """httpx-aiohttp's transport with an uncapped pool, no cookie jar of its own (httpx keeps
+    the cookies) and aiohttp's failures raised as the httpx errors errors.py expects."""
+
+    def get_client(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self.limits.max_connections or 0,  # 0: no limit (aiohttp's default is 100)
+            keepalive_timeout=self.limits.keepalive_expiry,
+            ssl=self.ssl_context,
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        with _httpx_errors(request):
+            response = await super().handle_async_request(request)
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _MappedStream(response.stream, request)
+        return response
+
+
+def default_transport() -> httpx.AsyncBaseTransport:
+    """The transport under the client when the caller gives none: aiohttp's HTTP/1.1 client.
+
+    Measured against httpx's own (httpcore) transport it costs about half the client CPU
+    per request one at a time and a fifth at 16 at once (bench/http_transport.py). Its aiohttp
+    session is made on the first request, on the loop that sends it, and closed with the client.
+    """
+    return _AiohttpTransport(limits=_LIMITS)
+
+
+def _proxy_in_environment() -> bool:
+    """Whether HTTP(S)_PROXY/ALL_PROXY is set: httpx honours those only for its own transport."""
+    return any(scheme in urllib.request.getproxies() for scheme in ("http", "https", "all"))
 
 
 class ClientBase:
@@ -46,21 +144,26 @@ class ClientBase:
         timeout: float = 30.0,
         user_agent: str | None = None,
         clock: Clock | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self._config = (config or ClientConfig()).with_overrides(
             app=app, token=token, base_url=base_url, logs_base_url=logs_base_url
         )
         self._retry = retry or RetryPolicy()
         self._clock = clock or SYSTEM_CLOCK
-        self._limiter = RateLimiter(self._clock) if rate_limit else None
+        # ``limiter`` replaces the in-process buckets, e.g. with buckets shared through the ledger.
+        self._limiter: Limiter | None = None
+        if rate_limit:
+            self._limiter = limiter or RateLimiter(self._clock)
         self._timeout = timeout
+        if transport is None and not _proxy_in_environment():
+            transport = default_transport()
         # One pool for both APIs; its cookie jar keeps the API's affinity cookie between calls.
-        # No cap on connections: every wait holds one open for up to 60 s, and a worker may
-        # wait on a thousand machines at once; a cap would starve every other call behind them.
+        # ``limits`` applies only when httpx builds its own transport (a proxy is configured).
         self._http = httpx.AsyncClient(
             transport=transport,
             timeout=timeout,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
+            limits=_LIMITS,
             headers={
                 "User-Agent": user_agent or f"jobrunner/{__version__}",
                 "Accept": "application/json",

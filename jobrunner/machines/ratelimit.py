@@ -15,12 +15,23 @@ limited here: ``wait`` (a long poll that holds one request open for up to 60 s, 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from jobrunner.machines.clock import SYSTEM_CLOCK, Clock
 
-__all__ = ["READ_ACTIONS", "READ_LIMIT", "WRITE_LIMIT", "Limit", "RateLimiter", "TokenBucket"]
+__all__ = [
+    "READ_ACTIONS",
+    "READ_LIMIT",
+    "WRITE_LIMIT",
+    "Limit",
+    "Limiter",
+    "RateLimiter",
+    "SharedRateLimiter",
+    "TakeToken",
+    "TokenBucket",
+]
 
 
 @dataclass(frozen=True)
@@ -113,3 +124,45 @@ class RateLimiter:
     def _forget_idle(self) -> None:
         for key in [key for key, bucket in self._buckets.items() if bucket.idle]:
             del self._buckets[key]
+
+
+class Limiter(Protocol):
+    """What the client asks before each limited call."""
+
+    async def acquire(self, action: str, scope: str) -> None: ...
+
+
+# (bucket key, rate per second, burst) -> seconds to wait before the call may go. The bucket is
+# kept elsewhere (the run ledger), so every process that shares it shares the limit.
+TakeToken = Callable[[str, float, int], Awaitable[float]]
+
+
+class SharedRateLimiter:
+    """Fly's limits held for all processes together: the token buckets live in a shared store
+    (the run ledger's ``rate_buckets`` table), not in this process.
+
+    Eight ``jobrunner run`` processes, or three workers, each with their own buckets would
+    together go over Fly's create limit; with one shared bucket per (action, app or machine)
+    they take turns. Each call reserves its token in one transaction and sleeps until its turn.
+    """
+
+    def __init__(
+        self,
+        take: TakeToken,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        limits: Mapping[str, Limit] | None = None,
+        default: Limit = WRITE_LIMIT,
+    ) -> None:
+        self._take = take
+        self._clock = clock
+        self._limits = (
+            dict(limits) if limits is not None else dict.fromkeys(READ_ACTIONS, READ_LIMIT)
+        )
+        self._default = default
+
+    async def acquire(self, action: str, scope: str) -> None:
+        limit = self._limits.get(action, self._default)
+        delay = await self._take(f"{action}:{scope}", limit.rate, limit.burst)
+        if delay > 0:
+            await self._clock.sleep(delay)
