@@ -24,8 +24,9 @@ from jobrunner.store.errors import (
     StoreError,
     StoreIntegrityError,
 )
+from jobrunner.store.ledger import Ledger, SqlLedger
 from jobrunner.store.records import Attempt, LogLine, LogLineIn, Run, Transition
-from jobrunner.store.store import MIN_PREFIX_LENGTH, Store
+from jobrunner.store.store import MIN_PREFIX_LENGTH, RunRequest, Store
 
 __all__ = [
     "ACTIVE_STATES",
@@ -36,11 +37,14 @@ __all__ = [
     "Attempt",
     "AttemptNotFound",
     "InvalidRunId",
+    "Ledger",
     "LogLine",
     "LogLineIn",
     "MigrationError",
     "Run",
     "RunNotFound",
+    "RunRequest",
+    "SqlLedger",
     "Store",
     "StoreBusy",
     "StoreConnectionError",

@@ -37,6 +37,9 @@ class Run(_FromRow):
     max_attempts: int
     timeout_s: float | None
     trigger: str
+    queue: str | None
+    priority: int
+    idempotency_key: str | None
     cancel_requested: bool
     owner: str | None
     owner_expires_at: datetime | None

@@ -7,16 +7,20 @@ with the current state, and two processes racing to finish a run cannot both suc
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Collection, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from jobrunner.states import ACTIVE_STATES, RUN_STATES, TERMINAL_STATES
+from jobrunner.clock import SYSTEM_CLOCK, Clock
+from jobrunner.states import ACTIVE_STATES, ATTEMPT_OUTCOMES, RUN_STATES, TERMINAL_STATES
 from jobrunner.store.engine import (
     READ_OPTION,
     create_store_engine,
@@ -34,20 +38,32 @@ from jobrunner.store.errors import (
 from jobrunner.store.ids import ALPHABET, ID_LENGTH, new_run_id, normalise_prefix
 from jobrunner.store.migrate import upgrade
 from jobrunner.store.records import Attempt, LogLine, LogLineIn, Run, Transition
-from jobrunner.store.tables import METADATA, AttemptRow, LogLineRow, RunRow, TransitionRow
+from jobrunner.store.tables import (
+    METADATA,
+    AttemptRow,
+    LogLineRow,
+    RateBucketRow,
+    RunRow,
+    TransitionRow,
+)
 
-__all__ = ["MIN_PREFIX_LENGTH", "Store"]
+__all__ = ["DEFAULT_IDEMPOTENCY_WINDOW", "MIN_PREFIX_LENGTH", "RunRequest", "Store"]
 
 logger = logging.getLogger(__name__)
 
 MIN_PREFIX_LENGTH = 6
 BACKENDS = frozenset({"local", "fly"})
+# An idempotency key names the same run while it is unfinished and for this long after it ends.
+DEFAULT_IDEMPOTENCY_WINDOW = timedelta(hours=24)
+# PostgreSQL NOTIFY channel that enqueues signal on (jobrunner.wakeup listens to it).
+WAKEUP_CHANNEL = "jobrunner_wakeup"
 
 # The statements below use the Core tables of the SQLModel models (typed, and no ORM session).
 runs = METADATA.tables[RunRow.__tablename__]
 attempts = METADATA.tables[AttemptRow.__tablename__]
 transitions_table = METADATA.tables[TransitionRow.__tablename__]
 log_lines = METADATA.tables[LogLineRow.__tablename__]
+rate_buckets = METADATA.tables[RateBucketRow.__tablename__]
 
 # Columns callers may set through transition_run / update_attempt.
 RUN_FIELDS = frozenset(
@@ -71,10 +87,6 @@ ATTEMPT_FIELDS = frozenset(
 )
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _prefix_upper_bound(prefix: str) -> str | None:
     """The smallest id-alphabet string above every id starting with ``prefix`` (None if none).
 
@@ -91,6 +103,30 @@ def _prefix_upper_bound(prefix: str) -> str | None:
     return None
 
 
+def _lock_ids(namespace: str, names: Iterable[str]) -> list[int]:
+    """PostgreSQL advisory lock ids (signed 64-bit) for ``names``, ascending: every transaction
+    takes its locks in this one order, so two of them never wait for each other in a cycle."""
+    return sorted(
+        {
+            int.from_bytes(
+                hashlib.blake2b(f"{namespace}:{name}".encode(), digest_size=8).digest(),
+                "big",
+                signed=True,
+            )
+            for name in names
+        }
+    )
+
+
+def _advisory_locks(db: sa.Connection, namespace: str, names: Iterable[str]) -> None:
+    """Take transaction-scoped advisory locks on ``names`` (PostgreSQL only; SQLite's
+    ``BEGIN IMMEDIATE`` already serialises writers)."""
+    if db.dialect.name != "postgresql":
+        return
+    for lock_id in _lock_ids(namespace, names):
+        db.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_id)))
+
+
 def _check_aware(fields: dict[str, Any]) -> None:
     for name, value in fields.items():
         if isinstance(value, datetime) and value.tzinfo is None:
@@ -101,6 +137,24 @@ def _check_fields(given: Iterable[str], allowed: frozenset[str], what: str) -> N
     unknown = sorted(set(given) - allowed)
     if unknown:
         raise ValueError(f"cannot set {', '.join(unknown)} on {what}; settable: {sorted(allowed)}")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a new run needs: the job as it will run, where, and (for a queued run) how it queues."""
+
+    job_name: str
+    job_snapshot: dict[str, Any]
+    backend: str
+    app: str | None
+    region: str | None
+    max_attempts: int
+    timeout_s: float | None
+    trigger: str = "queue"
+    queue: str | None = None
+    priority: int = 0
+    run_at: datetime | None = None
+    idempotency_key: str | None = None
 
 
 class Store:
@@ -114,10 +168,14 @@ class Store:
 
     TERMINAL_STATES: frozenset[str] = TERMINAL_STATES
 
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(self, url: str | None = None, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
         self._url = resolve_url(url)
         with translate_errors(self._url):
             self._engine = create_store_engine(self._url)
+            self._write_lock: AbstractContextManager[object] = (
+                threading.Lock() if self._engine.dialect.name == "sqlite" else nullcontext()
+            )
             self._reader = self._engine.execution_options(**{READ_OPTION: True})
             try:
                 upgrade(self._engine, where=f"the database {self.url}")
@@ -155,7 +213,10 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[sa.Connection]:
-        with translate_errors(self._url), self._engine.begin() as connection:
+        # SQLite has one writer at a time. Threads of this process queue on a lock, woken the
+        # moment it is free; left to SQLite's busy handler they would sleep in growing steps
+        # (up to 100 ms) while the lock was free again after a millisecond.
+        with self._write_lock, translate_errors(self._url), self._engine.begin() as connection:
             yield connection
 
     @contextmanager
@@ -176,39 +237,120 @@ class Store:
         max_attempts: int,
         timeout_s: float | None,
         trigger: str = "cli",
+        owner: str | None = None,
+        owner_ttl_s: float = 30.0,
     ) -> Run:
-        """Record a new run in state ``pending`` (with its first transition) and return it."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, not {backend!r}")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
-        now = _now()
+        """Record a new run in state ``pending`` (with its first transition) and return it.
+
+        With ``owner``, the run is born claimed by it, so no worker can take it between its
+        creation and the first claim of the process that is about to drive it.
+        """
+        request = RunRequest(
+            job_name=job_name,
+            job_snapshot=job_snapshot,
+            backend=backend,
+            app=app,
+            region=region,
+            max_attempts=max_attempts,
+            timeout_s=timeout_s,
+            trigger=trigger,
+        )
+        with self._write() as db:
+            return self._insert_run(db, request, owner=owner, owner_ttl_s=owner_ttl_s)
+
+    def enqueue_runs(
+        self,
+        requests: Sequence[RunRequest],
+        *,
+        idempotency_window: timedelta = DEFAULT_IDEMPOTENCY_WINDOW,
+    ) -> list[tuple[Run, bool]]:
+        """Record queued runs in one transaction; each as ``(run, created)``.
+
+        A request whose idempotency key names a run that is unfinished, or finished less than
+        ``idempotency_window`` ago, returns that run (``created`` False) instead of a new one.
+        On PostgreSQL the transaction also NOTIFYs idle workers (delivered on commit).
+        """
+        out: list[tuple[Run, bool]] = []
+        with self._write() as db:
+            # Two enqueuers of one key on different connections: the second waits for the first.
+            # All of a batch's keys are locked up front, in one global order (no deadlock).
+            keys = [r.idempotency_key for r in requests if r.idempotency_key is not None]
+            _advisory_locks(db, "jr.key", keys)
+            for request in requests:
+                existing = None
+                if request.idempotency_key is not None:
+                    existing = self._idempotent_match(
+                        db, request.idempotency_key, idempotency_window
+                    )
+                if existing is not None:
+                    out.append((existing, False))
+                else:
+                    out.append((self._insert_run(db, request), True))
+            if db.dialect.name == "postgresql" and any(created for _, created in out):
+                db.execute(sa.select(sa.func.pg_notify(WAKEUP_CHANNEL, "")))
+        return out
+
+    def _idempotent_match(self, db: sa.Connection, key: str, window: timedelta) -> Run | None:
+        since = self._clock.now() - window
+        row = db.execute(
+            runs.select()
+            .where(
+                runs.c.idempotency_key == key,
+                sa.or_(runs.c.state.in_(ACTIVE_STATES), runs.c.finished_at >= since),
+            )
+            .order_by(runs.c.created_at.desc())
+            .limit(1)
+        ).first()
+        return Run.from_row(row) if row is not None else None
+
+    def _insert_run(
+        self,
+        db: sa.Connection,
+        request: RunRequest,
+        *,
+        owner: str | None = None,
+        owner_ttl_s: float = 30.0,
+    ) -> Run:
+        if request.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, not {request.backend!r}")
+        if request.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, not {request.max_attempts}")
+        if request.run_at is not None:
+            _check_aware({"run_at": request.run_at})
+        now = self._clock.now()
+        # A born claim is stamped like every other claim (the database's time on PostgreSQL).
+        claimed_at = self._claim_now(db) if owner is not None else now
         values: dict[str, Any] = {
             "id": new_run_id(),
-            "job_name": job_name,
-            "job_snapshot": job_snapshot,
-            "backend": backend,
-            "app": app,
-            "region": region,
+            "job_name": request.job_name,
+            "job_snapshot": request.job_snapshot,
+            "backend": request.backend,
+            "app": request.app,
+            "region": request.region,
             "state": "pending",
             "exit_code": None,
             "reason": None,
             "attempts": 0,
-            "max_attempts": max_attempts,
-            "timeout_s": timeout_s,
-            "trigger": trigger,
+            "max_attempts": request.max_attempts,
+            "timeout_s": request.timeout_s,
+            "trigger": request.trigger,
+            "queue": request.queue,
+            "priority": request.priority,
+            "idempotency_key": request.idempotency_key,
             "cancel_requested": False,
-            "owner": None,
-            "owner_expires_at": None,
-            "next_attempt_at": None,
+            "owner": owner,
+            "owner_expires_at": (
+                claimed_at + timedelta(seconds=owner_ttl_s) if owner is not None else None
+            ),
+            "next_attempt_at": request.run_at,
             "created_at": now,
             "started_at": None,
             "finished_at": None,
             "updated_at": now,
         }
-        with self._write() as db:
-            db.execute(runs.insert().values(values))
-            self._record(db, values["id"], None, "pending", "submitted", None, now)
+        db.execute(runs.insert().values(values))
+        reason = "submitted" if request.queue is None else f"enqueued on {request.queue}"
+        self._record(db, values["id"], None, "pending", reason, None, now)
         return Run(**values)
 
     def get_run(self, run_id_or_prefix: str) -> Run:
@@ -264,11 +406,16 @@ class Store:
         with self._read() as db:
             return [Run.from_row(row) for row in db.execute(query)]
 
-    def list_unfinished_runs(self) -> list[Run]:
-        """Every run not yet in a terminal state, oldest first."""
-        query = runs.select().where(runs.c.state.in_(ACTIVE_STATES))
+    def list_unfinished_runs(self, *, limit: int | None = None) -> list[Run]:
+        """Runs not yet in a terminal state, oldest first (at most ``limit``)."""
+        query = (
+            runs.select()
+            .where(runs.c.state.in_(ACTIVE_STATES))
+            .order_by(runs.c.created_at, runs.c.id)
+            .limit(limit)
+        )
         with self._read() as db:
-            rows = db.execute(query.order_by(runs.c.created_at, runs.c.id))
+            rows = db.execute(query)
             return [Run.from_row(row) for row in rows]
 
     def transition_run(
@@ -294,30 +441,43 @@ class Store:
             raise ValueError(f"unknown run state {to_state!r}; use one of {sorted(RUN_STATES)}")
         _check_fields(fields, RUN_FIELDS, "a run")
         _check_aware(fields)
-        allowed = ACTIVE_STATES if from_states is None else frozenset(from_states)
         with self._write() as db:
-            current = db.execute(
-                sa.select(runs.c.state, runs.c.started_at)
-                .where(runs.c.id == run_id)
-                .with_for_update()
-            ).first()
-            if current is None:
-                raise RunNotFound(run_id)
-            if current.state not in allowed:
-                return False
-            now = _now()
-            values: dict[str, Any] = {"state": to_state, "updated_at": now}
-            if to_state == "running" and current.started_at is None:
-                values["started_at"] = now
-            if to_state in TERMINAL_STATES:
-                values.update(finished_at=now, next_attempt_at=None, reason=reason)
-            values.update(fields)
-            changed = db.execute(
-                runs.update().where(runs.c.id == run_id, runs.c.state.in_(allowed)).values(values)
-            ).rowcount
-            if changed != 1:
-                return False
-            self._record(db, run_id, current.state, to_state, reason, attempt_number, now)
+            return self._transition(
+                db, run_id, to_state, reason, from_states, attempt_number, fields
+            )
+
+    def _transition(
+        self,
+        db: sa.Connection,
+        run_id: str,
+        to_state: str,
+        reason: str | None,
+        from_states: Collection[str] | None,
+        attempt_number: int | None,
+        fields: dict[str, Any],
+    ) -> bool:
+        """``transition_run`` inside an open transaction."""
+        allowed = ACTIVE_STATES if from_states is None else frozenset(from_states)
+        current = db.execute(
+            sa.select(runs.c.state, runs.c.started_at).where(runs.c.id == run_id).with_for_update()
+        ).first()
+        if current is None:
+            raise RunNotFound(run_id)
+        if current.state not in allowed:
+            return False
+        now = self._clock.now()
+        values: dict[str, Any] = {"state": to_state, "updated_at": now}
+        if to_state == "running" and current.started_at is None:
+            values["started_at"] = now
+        if to_state in TERMINAL_STATES:
+            values.update(finished_at=now, next_attempt_at=None, reason=reason)
+        values.update(fields)
+        changed = db.execute(
+            runs.update().where(runs.c.id == run_id, runs.c.state.in_(allowed)).values(values)
+        ).rowcount
+        if changed != 1:
+            return False
+        self._record(db, run_id, current.state, to_state, reason, attempt_number, now)
         return True
 
     def finish_run(
@@ -349,7 +509,7 @@ class Store:
             changed = db.execute(
                 runs.update()
                 .where(runs.c.id == run_id, runs.c.state.in_(ACTIVE_STATES))
-                .values(cancel_requested=True, updated_at=_now())
+                .values(cancel_requested=True, updated_at=self._clock.now())
             ).rowcount
             if changed == 0:
                 self._require_run(db, run_id)
@@ -390,7 +550,44 @@ class Store:
 
         Raises RunNotFound, or StoreIntegrityError when the number or submit_id is taken.
         """
-        now = _now()
+        try:
+            with self._write() as db:
+                return self._insert_attempt(db, run_id, number, submit_id, region)
+        except StoreIntegrityError as exc:
+            raise self._attempt_taken(run_id, number, submit_id, exc) from exc
+
+    def begin_attempt(
+        self,
+        run_id: str,
+        number: int,
+        *,
+        submit_id: str,
+        region: str | None,
+        reason: str = "creating machine",
+    ) -> Attempt:
+        """``create_attempt`` and the run's move to ``creating``, in one transaction: what a
+        driver commits before it asks the API for the attempt's machine."""
+        try:
+            with self._write() as db:
+                attempt = self._insert_attempt(db, run_id, number, submit_id, region)
+                self._transition(db, run_id, "creating", reason, None, number, {})
+                return attempt
+        except StoreIntegrityError as exc:
+            raise self._attempt_taken(run_id, number, submit_id, exc) from exc
+
+    @staticmethod
+    def _attempt_taken(
+        run_id: str, number: int, submit_id: str, exc: StoreIntegrityError
+    ) -> StoreIntegrityError:
+        return StoreIntegrityError(
+            f"run {run_id} already has attempt {number}, or submit id {submit_id!r} is "
+            f"taken ({exc})"
+        )
+
+    def _insert_attempt(
+        self, db: sa.Connection, run_id: str, number: int, submit_id: str, region: str | None
+    ) -> Attempt:
+        now = self._clock.now()
         values: dict[str, Any] = {
             "run_id": run_id,
             "number": number,
@@ -409,26 +606,107 @@ class Store:
             "started_at": None,
             "finished_at": None,
         }
-        try:
-            with self._write() as db:
-                self._require_run(db, run_id)
-                result = db.execute(attempts.insert().values(values))
-                attempt_id = result.inserted_primary_key[0] if result.inserted_primary_key else 0
-                db.execute(
-                    runs.update()
-                    .where(runs.c.id == run_id)
-                    .values(
-                        attempts=sa.case((runs.c.attempts < number, number), else_=runs.c.attempts),
-                        next_attempt_at=None,
-                        updated_at=now,
-                    )
-                )
-        except StoreIntegrityError as exc:
-            raise StoreIntegrityError(
-                f"run {run_id} already has attempt {number}, or submit id {submit_id!r} is "
-                f"taken ({exc})"
-            ) from exc
+        self._require_run(db, run_id)
+        result = db.execute(attempts.insert().values(values))
+        attempt_id = result.inserted_primary_key[0] if result.inserted_primary_key else 0
+        db.execute(
+            runs.update()
+            .where(runs.c.id == run_id)
+            .values(
+                attempts=sa.case((runs.c.attempts < number, number), else_=runs.c.attempts),
+                next_attempt_at=None,
+                updated_at=now,
+            )
+        )
         return Attempt(id=int(attempt_id), **values)
+
+    def advance_attempt(
+        self,
+        run_id: str,
+        number: int,
+        *,
+        to_state: str,
+        reason: str,
+        from_states: Collection[str] | None = None,
+        run_fields: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> Attempt:
+        """Set attempt fields and move the run to ``to_state`` (if it is in ``from_states``), in
+        one transaction: a machine created (``starting``) or seen started (``running``)."""
+        _check_fields(fields, ATTEMPT_FIELDS, "an attempt")
+        _check_aware(fields)
+        extra = dict(run_fields or {})
+        _check_fields(extra, RUN_FIELDS, "a run")
+        _check_aware(extra)
+        where = (attempts.c.run_id == run_id, attempts.c.number == number)
+        with self._write() as db:
+            if fields:
+                db.execute(attempts.update().where(*where).values(fields))
+            row = db.execute(attempts.select().where(*where)).first()
+            if row is None:
+                raise AttemptNotFound(run_id, number)
+            self._transition(db, run_id, to_state, reason, from_states, number, extra)
+        return Attempt.from_row(row)
+
+    def end_attempt(
+        self,
+        run_id: str,
+        number: int,
+        *,
+        owner: str,
+        outcome: str | None = None,
+        exit_code: int | None = None,
+        reason: str | None = None,
+        requeue_at: datetime | None = None,
+        requeue_reason: str | None = None,
+        attempt_fields: Mapping[str, Any],
+    ) -> Run:
+        """Record how an attempt ended (``attempt_fields``) and what follows, in one transaction:
+        the run's ``outcome`` (exactly once, as ``finish_run``), or a requeue until
+        ``requeue_at``; either way ``owner`` lets go of its claim. Returns the run as it is now."""
+        if (outcome is None) == (requeue_at is None):
+            raise ValueError("end_attempt needs exactly one of outcome or requeue_at")
+        if outcome is not None and outcome not in TERMINAL_STATES:
+            raise ValueError(f"outcome must be one of {sorted(TERMINAL_STATES)}, not {outcome!r}")
+        fields = dict(attempt_fields)
+        attempt_outcome = fields.get("outcome")
+        if attempt_outcome is not None and attempt_outcome not in ATTEMPT_OUTCOMES:
+            raise ValueError(
+                f"outcome must be one of {sorted(ATTEMPT_OUTCOMES)}, not {attempt_outcome!r}"
+            )
+        _check_fields(fields, ATTEMPT_FIELDS, "an attempt")
+        _check_aware({**fields, "requeue_at": requeue_at})
+        with self._write() as db:
+            updated = db.execute(
+                attempts.update()
+                .where(attempts.c.run_id == run_id, attempts.c.number == number)
+                .values(fields)
+            ).rowcount
+            if updated != 1:
+                raise AttemptNotFound(run_id, number)
+            if outcome is not None:
+                self._transition(
+                    db, run_id, outcome, reason, ACTIVE_STATES, None, {"exit_code": exit_code}
+                )
+            else:
+                self._transition(
+                    db,
+                    run_id,
+                    "pending",
+                    requeue_reason,
+                    ACTIVE_STATES,
+                    number,
+                    {"next_attempt_at": requeue_at},
+                )
+            db.execute(
+                runs.update()
+                .where(runs.c.id == run_id, runs.c.owner == owner)
+                .values(owner=None, owner_expires_at=None)
+            )
+            if requeue_at is not None and db.dialect.name == "postgresql":
+                db.execute(sa.select(sa.func.pg_notify(WAKEUP_CHANNEL, "")))
+            row = db.execute(runs.select().where(runs.c.id == run_id)).one()
+        return Run.from_row(row)
 
     def update_attempt(self, run_id: str, number: int, **fields: Any) -> Attempt:
         """Set attempt fields (machine_id, instance_id, region, state, outcome, exit_code,
@@ -436,8 +714,8 @@ class Store:
         _check_fields(fields, ATTEMPT_FIELDS, "an attempt")
         _check_aware(fields)
         outcome = fields.get("outcome")
-        if outcome is not None and outcome not in TERMINAL_STATES:
-            raise ValueError(f"outcome must be one of {sorted(TERMINAL_STATES)}, not {outcome!r}")
+        if outcome is not None and outcome not in ATTEMPT_OUTCOMES:
+            raise ValueError(f"outcome must be one of {sorted(ATTEMPT_OUTCOMES)}, not {outcome!r}")
         where = (attempts.c.run_id == run_id, attempts.c.number == number)
         with self._write() as db:
             if fields:
@@ -494,14 +772,16 @@ class Store:
         """Make ``owner`` the run's driver for ``ttl_s`` seconds, if the run is unfinished and
         unclaimed, its claim expired, or ``owner`` already holds it. One conditional UPDATE, so
         of several racing claimers exactly one wins."""
-        now = _now()
-        claimable = sa.or_(
-            runs.c.owner.is_(None),
-            runs.c.owner_expires_at.is_(None),
-            runs.c.owner_expires_at < now,
-            runs.c.owner == owner,
-        )
-        return self._set_owner(run_id, owner, now + timedelta(seconds=ttl_s), claimable)
+
+        def claimable(now: datetime) -> sa.ColumnElement[bool]:
+            return sa.or_(
+                runs.c.owner.is_(None),
+                runs.c.owner_expires_at.is_(None),
+                runs.c.owner_expires_at < now,
+                runs.c.owner == owner,
+            )
+
+        return self._set_owner(run_id, owner, ttl_s, claimable)
 
     def takeover_claim(
         self, run_id: str, expected_owner: str | None, owner: str, ttl_s: float
@@ -511,29 +791,60 @@ class Store:
         current = (
             runs.c.owner.is_(None) if expected_owner is None else runs.c.owner == expected_owner
         )
-        return self._set_owner(run_id, owner, _now() + timedelta(seconds=ttl_s), current)
+        return self._set_owner(run_id, owner, ttl_s, lambda _now: current)
 
     def _set_owner(
-        self, run_id: str, owner: str, expires: datetime, condition: sa.ColumnElement[bool]
+        self,
+        run_id: str,
+        owner: str,
+        ttl_s: float,
+        condition: Callable[[datetime], sa.ColumnElement[bool]],
     ) -> bool:
         with self._write() as db:
+            now = self._claim_now(db)
             changed = db.execute(
                 runs.update()
-                .where(runs.c.id == run_id, runs.c.state.in_(ACTIVE_STATES), condition)
-                .values(owner=owner, owner_expires_at=expires)
+                .where(runs.c.id == run_id, runs.c.state.in_(ACTIVE_STATES), condition(now))
+                .values(owner=owner, owner_expires_at=now + timedelta(seconds=ttl_s))
             ).rowcount
         return changed == 1
 
     def renew_claim(self, run_id: str, owner: str, ttl_s: float) -> bool:
         """Extend ``owner``'s claim by ``ttl_s`` from now; False if ``owner`` no longer holds it."""
-        expires = _now() + timedelta(seconds=ttl_s)
         with self._write() as db:
+            expires = self._claim_now(db) + timedelta(seconds=ttl_s)
             changed = db.execute(
                 runs.update()
                 .where(runs.c.id == run_id, runs.c.owner == owner)
                 .values(owner_expires_at=expires)
             ).rowcount
         return changed == 1
+
+    def renew_claims(self, owner: str, ttl_s: float) -> set[str]:
+        """Extend every claim ``owner`` holds, in one statement; the ids it still holds.
+
+        A driver of many runs calls this once per interval instead of once per run; a run it
+        believes it drives but that is missing here was taken over, and it must let it go.
+        """
+        with self._write() as db:
+            expires = self._claim_now(db) + timedelta(seconds=ttl_s)
+            rows = db.execute(
+                runs.update()
+                .where(runs.c.owner == owner)
+                .values(owner_expires_at=expires)
+                .returning(runs.c.id)
+            ).all()
+        return {row.id for row in rows}
+
+    def cancel_requests(self, owner: str) -> set[str]:
+        """Ids of the unfinished runs ``owner`` holds whose cancel was requested (one query)."""
+        query = sa.select(runs.c.id).where(
+            runs.c.owner == owner,
+            runs.c.cancel_requested.is_(True),
+            runs.c.state.in_(ACTIVE_STATES),
+        )
+        with self._read() as db:
+            return {row.id for row in db.execute(query)}
 
     def release_claim(self, run_id: str, owner: str) -> None:
         """Give up ``owner``'s claim (no-op if it does not hold it)."""
@@ -543,6 +854,305 @@ class Store:
                 .where(runs.c.id == run_id, runs.c.owner == owner)
                 .values(owner=None, owner_expires_at=None)
             )
+
+    def _claim_now(self, db: sa.Connection) -> datetime:
+        """The time claims are stamped with: the database server's on PostgreSQL, where hosts
+        with different clocks compare them; this process's clock on SQLite (one host)."""
+        if db.dialect.name == "postgresql":
+            value = db.execute(sa.select(sa.func.now())).scalar_one()
+            assert isinstance(value, datetime)
+            return value.astimezone(UTC)
+        return self._clock.now()
+
+    def claim_due(
+        self,
+        owner: str,
+        *,
+        backend: str,
+        queues: Sequence[str],
+        limit: int,
+        ttl_s: float,
+        queue_limits: Mapping[str, int] | None = None,
+    ) -> list[Run]:
+        """Claim up to ``limit`` due queued runs of ``queues`` for ``owner``, highest priority
+        first, then the longest due; return them.
+
+        One conditional statement per call (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so claimers
+        never wait on each other; on SQLite ``BEGIN IMMEDIATE`` serialises them). A queue named
+        in ``queue_limits`` never has more than that many claimed unfinished runs, counted over
+        every worker sharing the ledger.
+        """
+        if limit <= 0 or not queues:
+            return []
+        limits = dict(queue_limits or {})
+        wanted = sorted(set(queues))
+        with self._write() as db:
+            now = self._claim_now(db)
+            # Held to commit: two workers filling the same limited queue take turns.
+            _advisory_locks(db, "jr.q", [q for q in wanted if q in limits])
+            room: dict[str, int | None] = {
+                q: self._queue_room(db, q, limits[q], now) if q in limits else None for q in wanted
+            }
+            picked = self._pick_due(db, backend, room, limit, now)
+            if not picked:
+                return []
+            rows = db.execute(
+                runs.update()
+                .where(runs.c.id.in_(picked))
+                .values(
+                    owner=owner, owner_expires_at=now + timedelta(seconds=ttl_s), updated_at=now
+                )
+                .returning(*runs.c)
+            ).all()
+        claimed = [Run.from_row(row) for row in rows]
+        claimed.sort(key=lambda r: (-r.priority, r.next_attempt_at or r.created_at, r.id))
+        return claimed
+
+    def _queue_room(self, db: sa.Connection, queue: str, cap: int, now: datetime) -> int:
+        in_flight = db.execute(
+            sa.select(sa.func.count())
+            .select_from(runs)
+            .where(
+                runs.c.queue == queue,
+                runs.c.state.in_(ACTIVE_STATES),
+                runs.c.owner.is_not(None),
+                runs.c.owner_expires_at >= now,
+            )
+        ).scalar_one()
+        return max(0, cap - int(in_flight))
+
+    def _pick_due(
+        self,
+        db: sa.Connection,
+        backend: str,
+        room: dict[str, int | None],
+        limit: int,
+        now: datetime,
+    ) -> list[str]:
+        """Ids of the due claimable runs to claim, in one order across all the queues (priority,
+        then due time), skipping runs of queues whose limit (``room``; None: no limit) is used
+        up. Locks them on PostgreSQL, skipping rows other claimers hold."""
+        due = sa.func.coalesce(runs.c.next_attempt_at, runs.c.created_at)
+        room = dict(room)
+        picked: list[str] = []
+        while len(picked) < limit:
+            open_queues = [q for q, left in room.items() if left is None or left > 0]
+            if not open_queues:
+                break
+            query = (
+                sa.select(runs.c.id, runs.c.queue)
+                .where(
+                    runs.c.state == "pending",
+                    runs.c.queue.in_(open_queues),
+                    runs.c.backend == backend,
+                    sa.or_(runs.c.owner.is_(None), runs.c.owner_expires_at < now),
+                    sa.or_(runs.c.next_attempt_at.is_(None), runs.c.next_attempt_at <= now),
+                )
+                .order_by(runs.c.priority.desc(), due, runs.c.id)
+                .limit(limit - len(picked))
+                .with_for_update(skip_locked=True)
+            )
+            if picked:
+                query = query.where(runs.c.id.not_in(picked))
+            rows = db.execute(query).all()
+            queue_filled = False
+            for row in rows:
+                left = room[row.queue]
+                if left is None:
+                    picked.append(row.id)
+                elif left > 0:
+                    picked.append(row.id)
+                    room[row.queue] = left - 1
+                else:
+                    queue_filled = True  # look again without that queue
+            if not queue_filled:
+                break  # every row found was taken: there are no more
+        return picked
+
+    def claim_orphans(
+        self, owner: str, *, backend: str, limit: int, ttl_s: float, dead_owners: Collection[str]
+    ) -> list[Run]:
+        """Adopt up to ``limit`` unfinished runs of ``backend`` that nobody drives: claims that
+        expired, owners in ``dead_owners`` (processes known dead), and runs left unclaimed
+        outside a queue (a driver released them, or died before claiming). Queued runs waiting
+        for their turn are not orphans: ``claim_due`` hands those out."""
+        if limit <= 0:
+            return []
+        with self._write() as db:
+            now = self._claim_now(db)
+            unowned = sa.or_(
+                runs.c.owner_expires_at < now,
+                runs.c.owner.in_(list(dead_owners)) if dead_owners else sa.false(),
+                sa.and_(
+                    runs.c.owner.is_(None),
+                    sa.or_(runs.c.queue.is_(None), runs.c.state != "pending"),
+                ),
+            )
+            picked = (
+                sa.select(runs.c.id)
+                .where(
+                    runs.c.state.in_(ACTIVE_STATES),
+                    runs.c.backend == backend,
+                    unowned,
+                    sa.or_(runs.c.next_attempt_at.is_(None), runs.c.next_attempt_at <= now),
+                )
+                .order_by(runs.c.created_at, runs.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            rows = db.execute(
+                runs.update()
+                .where(runs.c.id.in_(picked.scalar_subquery()))
+                .values(owner=owner, owner_expires_at=now + timedelta(seconds=ttl_s))
+                .returning(*runs.c)
+            ).all()
+        return sorted((Run.from_row(row) for row in rows), key=lambda r: (r.created_at, r.id))
+
+    def claim_owners(self, backend: str) -> set[str]:
+        """The distinct owners holding unfinished runs of ``backend`` (to check for dead ones)."""
+        query = (
+            sa.select(runs.c.owner)
+            .distinct()
+            .where(
+                runs.c.state.in_(ACTIVE_STATES),
+                runs.c.backend == backend,
+                runs.c.owner.is_not(None),
+            )
+        )
+        with self._read() as db:
+            return {row.owner for row in db.execute(query)}
+
+    def requeue_run(
+        self,
+        run_id: str,
+        owner: str,
+        *,
+        next_attempt_at: datetime,
+        reason: str,
+        attempt_number: int,
+    ) -> bool:
+        """Put a run back to ``pending`` until ``next_attempt_at`` and drop ``owner``'s claim,
+        in one transaction: nobody holds a run while it waits for its retry."""
+        _check_aware({"next_attempt_at": next_attempt_at})
+        with self._write() as db:
+            current = db.execute(
+                sa.select(runs.c.state)
+                .where(runs.c.id == run_id, runs.c.owner == owner)
+                .with_for_update()
+            ).first()
+            if current is None or current.state not in ACTIVE_STATES:
+                return False
+            now = self._clock.now()
+            db.execute(
+                runs.update()
+                .where(runs.c.id == run_id)
+                .values(
+                    state="pending",
+                    next_attempt_at=next_attempt_at,
+                    owner=None,
+                    owner_expires_at=None,
+                    updated_at=now,
+                )
+            )
+            self._record(db, run_id, current.state, "pending", reason, attempt_number, now)
+            if db.dialect.name == "postgresql":
+                db.execute(sa.select(sa.func.pg_notify(WAKEUP_CHANNEL, "")))
+        return True
+
+    def retry_run(self, run_id: str, *, extra_attempts: int) -> Run:
+        """Give a finished (usually ``dead``) run ``extra_attempts`` more attempts and queue it
+        again, under the same id; its history stays. Raises RunNotFound, or ValueError when the
+        run is not finished."""
+        if extra_attempts < 1:
+            raise ValueError(f"extra_attempts must be at least 1, not {extra_attempts}")
+        with self._write() as db:
+            row = db.execute(runs.select().where(runs.c.id == run_id).with_for_update()).first()
+            if row is None:
+                raise RunNotFound(run_id)
+            if row.state not in TERMINAL_STATES:
+                raise ValueError(
+                    f"run {run_id} is still {row.state}; only a finished run can be retried"
+                )
+            now = self._clock.now()
+            db.execute(
+                runs.update()
+                .where(runs.c.id == run_id)
+                .values(
+                    state="pending",
+                    max_attempts=row.attempts + extra_attempts,
+                    cancel_requested=False,
+                    exit_code=None,
+                    reason=None,
+                    next_attempt_at=None,
+                    finished_at=None,
+                    owner=None,
+                    owner_expires_at=None,
+                    queue=row.queue or "default",
+                    updated_at=now,
+                )
+            )
+            self._record(db, run_id, row.state, "pending", "retried by the user", None, now)
+            if db.dialect.name == "postgresql":
+                db.execute(sa.select(sa.func.pg_notify(WAKEUP_CHANNEL, "")))
+            fresh = db.execute(runs.select().where(runs.c.id == run_id)).one()
+        return Run.from_row(fresh)
+
+    def queue_stats(self) -> list[dict[str, Any]]:
+        """Per queue: runs waiting, runs in flight, dead runs (for ``jobrunner queues``).
+
+        A ``pending`` run a worker has claimed is in flight (as queue limits count it), not
+        waiting."""
+        claimed = runs.c.owner.is_not(None).label("claimed")
+        query = (
+            sa.select(runs.c.queue, runs.c.state, claimed, sa.func.count().label("n"))
+            .where(runs.c.queue.is_not(None))
+            .group_by(runs.c.queue, runs.c.state, claimed)
+        )
+        stats: dict[str, dict[str, Any]] = {}
+        with self._read() as db:
+            for row in db.execute(query):
+                entry = stats.setdefault(
+                    row.queue, {"queue": row.queue, "pending": 0, "in_flight": 0, "dead": 0}
+                )
+                if row.state == "pending" and not row.claimed:
+                    entry["pending"] += row.n
+                elif row.state in ACTIVE_STATES:
+                    entry["in_flight"] += row.n
+                elif row.state == "dead":
+                    entry["dead"] += row.n
+        return sorted(stats.values(), key=lambda e: str(e["queue"]))
+
+    # ----- rate limits -----
+
+    def take_rate_token(self, key: str, rate: float, burst: int) -> float:
+        """Take one token from the shared bucket ``key`` (refilled at ``rate`` per second, at
+        most ``burst``); the seconds the caller must wait before its call (0: go now).
+
+        One transaction, serialised per bucket (a row lock on PostgreSQL, ``BEGIN IMMEDIATE`` on
+        SQLite), stamped with the database's clock, so processes on several hosts share it.
+        """
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"a bucket needs rate > 0 and burst >= 1, got {rate} and {burst}")
+        with self._write() as db:
+            now = self._claim_now(db)
+            dialect_insert = postgresql.insert if db.dialect.name == "postgresql" else sqlite.insert
+            db.execute(
+                dialect_insert(rate_buckets)
+                .values(key=key, tokens=float(burst), updated_at=now)
+                .on_conflict_do_nothing(index_elements=["key"])
+            )
+            row = db.execute(
+                rate_buckets.select().where(rate_buckets.c.key == key).with_for_update()
+            ).one()
+            last: datetime = row.updated_at
+            elapsed = max(0.0, (now - last).total_seconds())
+            tokens: float = min(float(burst), float(row.tokens) + elapsed * rate) - 1.0
+            db.execute(
+                rate_buckets.update()
+                .where(rate_buckets.c.key == key)
+                .values(tokens=tokens, updated_at=max(now, last))
+            )
+        return max(0.0, -tokens / rate)
 
     # ----- logs -----
 

@@ -19,6 +19,7 @@ __all__ = [
     "METADATA",
     "AttemptRow",
     "LogLineRow",
+    "RateBucketRow",
     "RunRow",
     "StoreModel",
     "TransitionRow",
@@ -79,6 +80,10 @@ class RunRow(StoreModel, table=True):
         sa.Index("ix_runs_state", "state"),
         sa.Index("ix_runs_job_name_created_at", "job_name", "created_at"),
         sa.Index("ix_runs_created_at", "created_at"),
+        # Workers claim the next due run of their queues in priority order through this index.
+        sa.Index("ix_runs_state_queue_priority", "state", "queue", "priority"),
+        sa.Index("ix_runs_idempotency_key", "idempotency_key"),
+        sa.Index("ix_runs_owner", "owner"),
     )
 
     id: str = Field(sa_column=sa.Column(sa.String(26), primary_key=True))
@@ -94,6 +99,15 @@ class RunRow(StoreModel, table=True):
     max_attempts: int = Field(sa_column=sa.Column(sa.Integer(), nullable=False))
     timeout_s: float | None = Field(default=None, sa_column=sa.Column(sa.Float(), nullable=True))
     trigger: str = Field(sa_column=sa.Column(sa.String(32), nullable=False))
+    # Set for enqueued runs only: workers claim those; a run without a queue is driven by the
+    # process that submitted it (and adopted by anyone if that process dies).
+    queue: str | None = Field(default=None, sa_column=sa.Column(sa.String(64), nullable=True))
+    priority: int = Field(
+        default=0, sa_column=sa.Column(sa.Integer(), nullable=False, server_default="0")
+    )
+    idempotency_key: str | None = Field(
+        default=None, sa_column=sa.Column(sa.String(255), nullable=True)
+    )
     cancel_requested: bool = Field(default=False, sa_column=sa.Column(sa.Boolean(), nullable=False))
     owner: str | None = Field(default=None, sa_column=sa.Column(sa.String(255), nullable=True))
     owner_expires_at: datetime | None = _ts()
@@ -180,3 +194,14 @@ class LogLineRow(StoreModel, table=True):
     ts: datetime = _ts(nullable=False)
     stream: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
     message: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
+
+
+class RateBucketRow(StoreModel, table=True):
+    """A token bucket of the Machines API's rate limits, shared by every process on the ledger:
+    ``tokens`` may go below zero, each negative token being a call already waiting its turn."""
+
+    __tablename__ = "rate_buckets"
+
+    key: str = Field(sa_column=sa.Column(sa.String(200), primary_key=True))
+    tokens: float = Field(sa_column=sa.Column(sa.Float(), nullable=False))
+    updated_at: datetime = _ts(nullable=False)

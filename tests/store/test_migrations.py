@@ -143,6 +143,8 @@ def test_upgrade_keeps_existing_history(database_url: str) -> None:
         assert (run.job_name, run.state, run.exit_code) == ("hello", "succeeded", 0)
         assert run.job_snapshot == {"name": "hello"}
         assert run.finished_at == at
+        # Columns added by later revisions get their defaults (0002: the queue).
+        assert (run.queue, run.priority, run.idempotency_key) == (None, 0, None)
         assert [(a.number, a.machine_id) for a in store.get_attempts(run_id)] == [(1, "m1")]
         assert [t.to_state for t in store.transitions(run_id)] == ["succeeded"]
         assert [line.message for line in store.get_logs(run_id)] == ["hello, world"]
