@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +40,26 @@ def _port(raw: str | None) -> int:
     return int(raw)
 
 
+def parse_queue_limits(
+    raw: str | None, *, source: str = "JOBRUNNER_QUEUE_LIMITS"
+) -> dict[str, int]:
+    """``"default=10,reports=2"`` -> ``{"default": 10, "reports": 2}``: how many runs of each
+    queue may be in flight at once, over every worker sharing the ledger."""
+    limits: dict[str, int] = {}
+    for item in (raw or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, number = item.partition("=")
+        name, number = name.strip(), number.strip()
+        if not sep or not name or not number.isdigit() or int(number) < 1:
+            raise ConfigError(
+                f"{source}: {item.strip()!r} is not QUEUE=LIMIT; "
+                'write e.g. "default=10,reports=2" (limits are whole numbers from 1)'
+            )
+        limits[name] = int(number)
+    return limits
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved settings. Holds no secret: the Fly token stays in the environment."""
@@ -49,6 +69,7 @@ class Settings:
     home: Path
     database_url: str | None
     local_port: int = 4280
+    queue_limits: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_env(
@@ -86,6 +107,7 @@ class Settings:
             home=jobrunner_home(env),
             database_url=env.get("JOBRUNNER_DATABASE_URL") or None,
             local_port=_port(env.get("JOBRUNNER_LOCAL_PORT")),
+            queue_limits=parse_queue_limits(env.get("JOBRUNNER_QUEUE_LIMITS")),
         )
 
     @property

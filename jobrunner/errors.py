@@ -14,6 +14,8 @@
     │       ├── InsufficientCapacity (status "insufficient_capacity", any code)
     │       └── ServerError (5xx)
     ├── spec.JobSpecError                a job file or Job() that does not validate
+    ├── claims.RunBusy                   another live process drives the run
+    ├── handles.RunnerClosed             the JobRunner was closed while a handle waited
     └── store errors (see jobrunner.store)
 
 Every message says what went wrong and what to do about it, and never contains a secret.

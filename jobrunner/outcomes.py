@@ -26,11 +26,22 @@ class AttemptResult:
     capacity: bool = False  # create failed for lack of capacity (retry rule `capacity`)
 
 
-def read_outcome(machine_id: str, machine: Machine | None, forced: str | None) -> AttemptResult:
+def read_outcome(
+    machine_id: str,
+    machine: Machine | None,
+    forced: str | None,
+    *,
+    timeout: float | None = None,
+) -> AttemptResult:
     """The outcome of an attempt whose machine is ``machine`` (None: the API no longer knows it).
 
     ``forced`` is ``"timed_out"`` or ``"cancelled"`` when the runner stopped the machine itself.
+    A timeout is judged on the machine's own events: when its exit event shows it ended by
+    itself within ``timeout`` seconds of its start (a driver that came back late to a job that
+    had finished in time), its own outcome stands.
     """
+    if forced == "timed_out" and machine is not None and _exited_in_time(machine, timeout):
+        forced = None
     if machine is None:
         return AttemptResult(
             forced or "lost", reason=f"machine {machine_id} vanished without an exit event"
@@ -58,3 +69,13 @@ def read_outcome(machine_id: str, machine: Machine | None, forced: str | None) -
     if exit_code == 0:
         return AttemptResult("succeeded", **common)
     return AttemptResult("failed", reason=f"exit code {exit_code}", **common)
+
+
+def _exited_in_time(machine: Machine, timeout: float | None) -> bool:
+    exit_event, start = machine.last_exit(), machine.last_start()
+    if exit_event is None or start is None or timeout is None:
+        return False
+    details = exit_event.exit_event()
+    if details is not None and details.requested_stop:
+        return False  # we (or someone) stopped it: that was the timeout's doing
+    return (exit_event.timestamp - start.timestamp) / 1000 <= timeout

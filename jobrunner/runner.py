@@ -1,42 +1,49 @@
-"""A run's life: submit, create the machine, wait by instance_id, record the outcome, retry, cancel.
+"""A run's life: create the machine, wait for its exit by instance_id, record the outcome, retry.
 
 There is one path from "a run row exists" to "its outcome is recorded": ``Runner.drive``. The
-CLI's ``run``, a detached run, ``wait``, ``runs reconcile`` and (later) the worker all call it, so
-a run left half-done by a crashed process is finished by whoever drives it next, from the store
-plus the API.
+CLI's ``run``, ``wait``, ``runs reconcile``, the Python API and the worker all call it, so a run
+left half-done by a crashed process is finished by whoever drives it next, from the ledger plus
+the API.
 
 Crash safety rests on three rules:
 1. the run row and each attempt row are committed before the API call that depends on them;
 2. every machine is created with a deterministic ``jobrunner_submit_id`` tag
    (``<run id>.<attempt>``), so a process that resumes an attempt whose create may or may not
    have happened finds the machine by listing ``metadata.jobrunner_submit_id=...`` first;
-3. ``Store.finish_run`` is a conditional update, so an outcome is recorded exactly once even when
-   two processes race.
+3. ``finish_run`` is a conditional update, so an outcome is recorded exactly once even when two
+   processes race.
 
-A run is driven by one process at a time: it holds a claim in the store (owner + expiry), renewed
-by a side task. A claim whose owner is a dead process on this host, or whose expiry passed, is
-taken over (jobrunner.claims). A run is only driven through the backend it was submitted to.
+A run is driven by one process at a time: it holds a claim in the ledger (owner + expiry). The
+bookkeeping is per runner, not per run, so that one worker can drive thousands of runs: one
+service task renews all of this runner's claims in one statement and finds cancel requests for
+all of its runs in one query, and one log fan-out polls the logs API once per app for every
+machine it follows. A drive costs, when its machine exits within one wait, three Machines API
+calls: create, wait for ``stopped``, and the read of the exit event.
+
+Nothing sleeps while holding a claim: a retry puts the run back to ``pending`` with its
+``next_attempt_at`` and releases the claim, and whoever is due to drive it (the waiting caller, a
+worker) claims it again when the time comes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from functools import partial
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import anyio
-import anyio.to_thread
 
 from jobrunner.claims import CLAIM_TTL, RunBusy, new_owner_id, owner_is_alive
+from jobrunner.clock import SYSTEM_CLOCK, Clock
 from jobrunner.errors import JobrunnerError
 from jobrunner.events import EventHandler, RunEvent, ignore_events
-from jobrunner.logsync import LogCopier, SecretMasker
+from jobrunner.logfanout import LogFanout
+from jobrunner.logsync import SecretMasker
 from jobrunner.machines import AsyncMachinesClient
 from jobrunner.machines.create import is_ambiguous, submit_id_of
 from jobrunner.machines.errors import (
@@ -50,7 +57,7 @@ from jobrunner.machines.errors import (
 from jobrunner.machines.models import Machine
 from jobrunner.outcomes import TERMINAL, AttemptResult, read_outcome
 from jobrunner.spec import Job, JobSpecError
-from jobrunner.store import Attempt, Run, Store
+from jobrunner.store import Attempt, Ledger, Run, SqlLedger, Store
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +65,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TERMINAL",
     "AttemptResult",
+    "ReconcileReport",
     "RunBusy",
     "Runner",
     "WrongBackend",
@@ -65,12 +73,21 @@ __all__ = [
     "sole_error",
 ]
 
-P = ParamSpec("P")
-T = TypeVar("T")
-
-SUPERVISE_EVERY = 1.0
 NO_DEADLINE = 10 * 365 * 86400.0
 MANAGED_TAG = "jobrunner_managed"
+# How often the service task looks for cancel requests of this runner's runs (one query for all).
+CANCEL_POLL = 1.0
+# The first wait for an exit is this short, so a job that runs longer is shown as running within
+# a second (one more API call: reading its start event); a job that ends sooner costs no more
+# than create, wait and the read of its exit. Later waits are the API's full 60 s long polls (or
+# shorter, up to the job's deadline).
+FIRST_WAIT = 1.0
+LONG_WAIT = 60.0
+# How long closing a runner waits, beyond the drain grace, for log lines still being copied.
+CLOSE_DRAIN_MARGIN = 5.0
+# Drives at once in ``reconcile``; orphans are claimed in batches of this many.
+RECONCILE_CONCURRENCY = 8
+RECONCILE_BATCH = 64
 
 
 class WrongBackend(JobrunnerError):
@@ -85,11 +102,22 @@ class WrongBackend(JobrunnerError):
 
 @dataclass
 class _Drive:
-    """Per-run state shared by the attempt loop and its side task."""
+    """Per-run state shared by the attempt loop and the runner's service task."""
 
     run_id: str
     cancel: anyio.Event = field(default_factory=anyio.Event)
+    scope: anyio.CancelScope | None = None
     lost_claim: bool = False
+    released: bool = False  # the claim was let go with the outcome or requeue
+    machines: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReconcileReport:
+    """What ``Runner.reconcile`` did: the runs it finished or left, and those it could not."""
+
+    runs: list[Run] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # run id -> why it could not finish
 
 
 def machine_metadata(run: Run, attempt: Attempt, job: Job) -> dict[str, str]:
@@ -102,13 +130,22 @@ def machine_metadata(run: Run, attempt: Attempt, job: Job) -> dict[str, str]:
     }
 
 
+def _event_time(timestamp_ms: int) -> datetime:
+    return datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+
+
 class Runner:
-    """Drives runs of jobs on one Machines API (Fly or the local backend) into a store."""
+    """Drives runs of jobs on one Machines API (Fly or the local backend) into a ledger.
+
+    Use it as an async context manager (``async with Runner(...) as runner``), or just call it:
+    its service task (claim renewal, cancel polling, log fan-out) starts with the first drive and
+    stops when nothing is left to drive or drain. ``aclose()`` stops it at once.
+    """
 
     def __init__(
         self,
         client: AsyncMachinesClient,
-        store: Store,
+        ledger: Ledger | Store,
         *,
         backend: str,
         app: str,
@@ -116,40 +153,106 @@ class Runner:
         on_event: EventHandler = ignore_events,
         log_poll_interval: float = 0.5,
         log_drain_grace: float = 1.0,
-        start_poll: float = 5.0,
+        start_poll: float = FIRST_WAIT,
+        clock: Clock = SYSTEM_CLOCK,
+        owner: str | None = None,
     ) -> None:
         self.client = client
-        self.store = store
+        self.ledger: Ledger = SqlLedger(ledger) if isinstance(ledger, Store) else ledger
         self.backend = backend
         self.app = app
         self.environ: Mapping[str, str] = os.environ if environ is None else environ
         self.on_event = on_event
-        self.owner = new_owner_id()
-        self._log_poll = log_poll_interval
+        self.owner = owner or new_owner_id()
+        self.clock = clock
+        self._first_wait = start_poll
         self._log_grace = log_drain_grace
-        self._start_poll = start_poll
         self._drives: dict[str, _Drive] = {}
+        self.logs = LogFanout(
+            client,
+            self.ledger.add_logs,
+            on_event=self._forward_event,
+            poll_interval=log_poll_interval,
+            drain_grace=log_drain_grace,
+            clock=clock,
+        )
+        self._service: asyncio.Task[None] | None = None
+        self._service_idle = anyio.Event()
 
-    def _app_of(self, run: Run) -> str:
-        return run.app or self.app
+    # ---- lifecycle --------------------------------------------------------------------------
 
-    async def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run a (blocking) store call off the event loop."""
-        return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs))
+    async def __aenter__(self) -> Runner:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Let the log lines in flight land (bounded by the drain grace), then stop the service
+        task. Claims are released by the drives themselves."""
+        with anyio.move_on_after(self._log_grace + CLOSE_DRAIN_MARGIN):
+            while self.logs.busy and self._service is not None and not self._service.done():
+                await anyio.sleep(0.02)
+        task, self._service = self._service, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _forward_event(self, event: RunEvent) -> None:
+        self.on_event(event)
 
     def _emit(self, kind: Any, run_id: str, message: str = "", **extra: Any) -> None:
         self.on_event(RunEvent(kind=kind, run_id=run_id, message=message, **extra))
 
+    def _ensure_service(self) -> None:
+        if self._service is None or self._service.done():
+            self._service = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        """Renew every claim of this runner, pass on cancel requests, and run the log fan-out,
+        for as long as something is driven or drained."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.logs.run)
+            last_renew = self.clock.monotonic()
+            while self._drives or self.logs.busy:
+                await self.clock.sleep(CANCEL_POLL)
+                if not self._drives:
+                    continue
+                try:
+                    for run_id in await self.ledger.cancel_requests(self.owner):
+                        drive = self._drives.get(run_id)
+                        if drive is not None:
+                            drive.cancel.set()
+                    if self.clock.monotonic() - last_renew >= CLAIM_TTL / 3:
+                        held = await self.ledger.renew_claims(self.owner, CLAIM_TTL)
+                        last_renew = self.clock.monotonic()
+                        self._drop_lost(held)
+                except JobrunnerError as exc:
+                    # A ledger outage must not end the drives: the claim's TTL gives it time.
+                    logger.warning("renewing claims failed (will retry): %s", exc)
+            tg.cancel_scope.cancel()
+
+    def _drop_lost(self, held: set[str]) -> None:
+        for run_id, drive in list(self._drives.items()):
+            if run_id not in held and not drive.lost_claim:
+                # Someone else took the run over (we were presumed dead): stop touching it.
+                drive.lost_claim = True
+                logger.warning("lost the claim on run %s; another process drives it now", run_id)
+                if drive.scope is not None:
+                    drive.scope.cancel()
+
     # ---- public API -------------------------------------------------------------------------
 
-    async def submit(self, job: Job, *, trigger: str = "python") -> Run:
+    async def submit(self, job: Job, *, trigger: str = "python", claim: bool = True) -> Run:
         """Record a new run of ``job`` (state ``pending``); nothing is created on the API yet.
 
-        The job's secrets are checked now, so a run that cannot start is refused before it exists.
+        With ``claim`` (the default) the run is born claimed by this runner, which is about to
+        drive it, so no worker can take it meanwhile. The job's secrets are checked now, so a run
+        that cannot start is refused before it exists.
         """
         job.to_machine_config(environ=self.environ, metadata={})  # raises JobSpecError early
-        run = await self._db(
-            self.store.create_run,
+        run = await self.ledger.create_run(
             job_name=job.name,
             job_snapshot=job.snapshot(),
             backend=self.backend,
@@ -158,14 +261,19 @@ class Runner:
             max_attempts=job.retries.max_attempts,
             timeout_s=job.timeout,
             trigger=trigger,
+            owner=self.owner if claim else None,
+            owner_ttl_s=CLAIM_TTL,
         )
         self._emit("state", run.id, "submitted", state="pending")
         return run
 
     async def run(self, job: Job, *, trigger: str = "python") -> Run:
-        """Submit ``job`` and drive it to its outcome."""
+        """Submit ``job``, drive it (through any retries) to its outcome, and return once its
+        log lines are copied too."""
         run = await self.submit(job, trigger=trigger)
-        return await self.drive(run.id)
+        final = await self.wait(run.id)
+        await self.logs_settled(final.id)
+        return final
 
     def request_cancel_local(self, run_id: str) -> None:
         """Ask a run this process is driving to stop (used by the CLI's Ctrl-C)."""
@@ -174,85 +282,147 @@ class Runner:
             drive.cancel.set()
 
     async def cancel(self, run_id: str) -> Run:
-        """Cancel a run: flag it in the store; if nobody is driving it, stop its machine here."""
-        run = await self._db(self.store.get_run, run_id)
+        """Cancel a run: flag it in the ledger; if nobody is driving it, stop its machine here."""
+        run = await self.ledger.get_run(run_id)
         if run.state in TERMINAL:
             return run
-        await self._db(self.store.request_cancel, run.id)
+        await self.ledger.request_cancel(run.id)
         self.request_cancel_local(run.id)
-        if run.id in self._drives or owner_is_alive(run.owner, run.owner_expires_at):
-            return await self._db(self.store.get_run, run.id)
+        driven_elsewhere = run.owner != self.owner and owner_is_alive(
+            run.owner, run.owner_expires_at
+        )
+        if run.id in self._drives or driven_elsewhere:
+            return await self.ledger.get_run(run.id)
         # Nobody drives it: drive it ourselves; the cancel flag makes that a prompt stop.
         return await self.drive(run.id)
 
-    async def drive(self, run_id: str) -> Run:
-        """Take a run from wherever it is to its recorded outcome. Resumable after any crash."""
-        run = await self._db(self.store.get_run, run_id)
-        if run.state in TERMINAL:
-            return run
-        if run.backend != self.backend:
-            raise WrongBackend(run, self.backend)  # its machine ids mean nothing here
-        await self._claim(run)
+    async def drive(self, run_id: str, *, claimed: Run | None = None) -> Run:
+        """Take a run from wherever it is to its recorded outcome, or to a retry that is not
+        due yet (the run is then ``pending``, unclaimed). Resumable after any crash.
+
+        ``claimed`` is the run as this runner just claimed it (a worker's ``claim_due``), which
+        spares reading and claiming it again."""
+        if claimed is not None and claimed.id == run_id and claimed.owner == self.owner:
+            run = claimed
+        else:
+            run = await self.ledger.get_run(run_id)
+            if run.state in TERMINAL:
+                return run
+            if run.backend != self.backend:
+                raise WrongBackend(run, self.backend)  # its machine ids mean nothing here
+            if self._not_due(run):
+                return run
+            await self._claim(run)
         drive = _Drive(run.id)
         if run.cancel_requested:
             # A driver that died while cancelling may have stopped the machine already: without
             # this, its exit would be read as an ordinary failure instead of the cancel it was.
             drive.cancel.set()
         self._drives[run.id] = drive
+        self._ensure_service()
+        final: Run | None = None
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._supervise, drive)
-                await self._attempt_loop(drive)
-                tg.cancel_scope.cancel()
+            with anyio.CancelScope() as scope:
+                drive.scope = scope
+                final = await self._attempt_loop(drive, run)
         except BaseExceptionGroup as group:
             # Callers should see the API or ledger error itself, not "unhandled errors in a
             # TaskGroup" (the CLI turns a JobrunnerError into one clear line).
             raise sole_error(group) from None
         finally:
             self._drives.pop(run.id, None)
-            with anyio.CancelScope(shield=True):
-                await self._db(self.store.release_claim, run.id, self.owner)
-        return await self._db(self.store.get_run, run.id)
+            if not drive.lost_claim and not drive.released:
+                with anyio.CancelScope(shield=True):
+                    await self.ledger.release_claim(run.id, self.owner)
+        if final is None or not drive.released:
+            final = await self.ledger.get_run(run.id)  # claim released since: read it afresh
+        return final
+
+    async def logs_settled(self, run_id: str) -> None:
+        """Return once the log lines of the machines this runner followed for ``run_id`` are
+        all copied (the drain after each exit has ended)."""
+        attempts = await self.ledger.get_attempts(run_id)
+        for attempt in attempts:
+            if attempt.machine_id is not None:
+                await self.logs.drained(attempt.machine_id)
 
     async def wait(self, run_id: str, *, poll: float = 1.0) -> Run:
-        """Wait for a run's outcome; resume driving it if its driver has died."""
+        """Wait for a run's outcome, driving it whenever nobody else does (after its driver
+        died, or when its retry falls due)."""
         while True:
-            run = await self._db(self.store.get_run, run_id)
+            run = await self.ledger.get_run(run_id)
             if run.state in TERMINAL:
                 return run
-            if not owner_is_alive(run.owner, run.owner_expires_at):
+            pause = poll
+            if self._not_due(run):
+                assert run.next_attempt_at is not None
+                pause = min(poll, (run.next_attempt_at - self.clock.now()).total_seconds())
+            elif run.owner == self.owner or not owner_is_alive(run.owner, run.owner_expires_at):
                 try:
-                    return await self.drive(run.id)
+                    run = await self.drive(run.id)
+                    if run.state in TERMINAL:
+                        return run
+                    continue  # requeued for a retry: loop to wait for it
                 except RunBusy:
                     pass
-            await anyio.sleep(poll)
+            await self.clock.sleep(max(0.01, pause))
 
-    async def reconcile(self) -> list[Run]:
-        """Resume every unfinished run nobody drives, concurrently; return their final rows."""
-        runs = await self._db(self.store.list_unfinished_runs)
-        orphaned = [
-            r
-            for r in runs
-            if r.backend == self.backend and not owner_is_alive(r.owner, r.owner_expires_at)
-        ]
-        results: list[Run] = []
+    def _not_due(self, run: Run) -> bool:
+        return (
+            run.state == "pending"
+            and run.next_attempt_at is not None
+            and run.next_attempt_at > self.clock.now()
+        )
+
+    async def reconcile(
+        self, *, concurrency: int = RECONCILE_CONCURRENCY, batch: int = RECONCILE_BATCH
+    ) -> ReconcileReport:
+        """Finish every unfinished run of this backend that nobody drives.
+
+        Orphans are claimed in batches and driven at most ``concurrency`` at a time. A run that
+        cannot be finished now (an API outage, a bad record) is reported with its error and left
+        for the next reconcile; it never stops the others.
+        """
+        report = ReconcileReport()
+        seen: set[str] = set()
+        limiter = anyio.Semaphore(max(1, concurrency))
+        dead = await self.dead_owners()
 
         async def one(run: Run) -> None:
-            try:
-                results.append(await self.drive(run.id))
-            except RunBusy:
-                logger.info("run %s was claimed by another process meanwhile", run.id)
-            except JobrunnerError as exc:
-                # One run the API or ledger cannot finish now must not stop the others; it stays
-                # unfinished (and is returned as such) for the next reconcile.
-                self._emit("notice", run.id, f"could not finish run {run.id}: {exc}")
-                with contextlib.suppress(JobrunnerError):
-                    results.append(await self._db(self.store.get_run, run.id))
+            async with limiter:
+                try:
+                    report.runs.append(await self.drive(run.id))
+                except RunBusy:
+                    logger.info("run %s was claimed by another process meanwhile", run.id)
+                except Exception as exc:  # isolate: one bad run must not hold up the others
+                    message = str(exc) or type(exc).__name__
+                    report.errors[run.id] = message
+                    self._emit("notice", run.id, f"could not finish run {run.id}: {message}")
+                    with contextlib.suppress(Exception):
+                        await self.ledger.release_claim(run.id, self.owner)
+                        report.runs.append(await self.ledger.get_run(run.id))
 
-        async with anyio.create_task_group() as tg:
-            for run in orphaned:
-                tg.start_soon(one, run)
-        return sorted(results, key=lambda r: r.created_at)
+        while True:
+            claimed = await self.ledger.claim_orphans(
+                self.owner, backend=self.backend, limit=batch, ttl_s=CLAIM_TTL, dead_owners=dead
+            )
+            fresh = [r for r in claimed if r.id not in seen]
+            for run in claimed:
+                if run.id in seen:  # tried in this pass already: leave it for the next one
+                    await self.ledger.release_claim(run.id, self.owner)
+            if not fresh:
+                break
+            seen.update(r.id for r in fresh)
+            async with anyio.create_task_group() as tg:
+                for run in fresh:
+                    tg.start_soon(one, run)
+        report.runs.sort(key=lambda r: r.created_at)
+        return report
+
+    async def dead_owners(self) -> set[str]:
+        """Owners of unfinished runs that are processes on this host known to be dead."""
+        owners = await self.ledger.claim_owners(self.backend)
+        return {o for o in owners if o != self.owner and not owner_is_alive(o, None)}
 
     async def orphan_machines(self) -> list[Machine]:
         """Machines tagged by jobrunner that no unfinished run owns.
@@ -262,8 +432,8 @@ class Runner:
         the machine id (or after a driver died right there) only the tag says whose it is.
         """
         machines = await self.client.list_machines(metadata={MANAGED_TAG: "true"})
-        live = await self._db(self.store.machine_ids_of_live_runs)
-        live_runs = {r.id for r in await self._db(self.store.list_unfinished_runs)}
+        live = await self.ledger.machine_ids_of_live_runs()
+        live_runs = {r.id for r in await self.ledger.list_unfinished_runs()}
         return [
             m
             for m in machines
@@ -279,46 +449,36 @@ class Runner:
     # ---- claiming ---------------------------------------------------------------------------
 
     async def _claim(self, run: Run) -> None:
-        if await self._db(self.store.claim_run, run.id, self.owner, CLAIM_TTL):
+        if await self.ledger.claim_run(run.id, self.owner, CLAIM_TTL):
             return
-        current = await self._db(self.store.get_run, run.id)
+        current = await self.ledger.get_run(run.id)
         if owner_is_alive(current.owner, current.owner_expires_at):
             raise RunBusy(run.id, current.owner or "?")
-        taken = await self._db(
-            self.store.takeover_claim, run.id, current.owner, self.owner, CLAIM_TTL
-        )
+        taken = await self.ledger.takeover_claim(run.id, current.owner, self.owner, CLAIM_TTL)
         if not taken:
             raise RunBusy(run.id, current.owner or "?")
         self._emit("notice", run.id, f"took over run from dead driver {current.owner}")
 
-    async def _supervise(self, drive: _Drive) -> None:
-        """Renew the claim and notice cancel requests made by other processes."""
-        last_renew = time.monotonic()
-        while True:
-            await anyio.sleep(SUPERVISE_EVERY)
-            run = await self._db(self.store.get_run, drive.run_id)
-            if run.cancel_requested:
-                drive.cancel.set()
-            if time.monotonic() - last_renew >= CLAIM_TTL / 3:
-                ok = await self._db(self.store.renew_claim, drive.run_id, self.owner, CLAIM_TTL)
-                last_renew = time.monotonic()
-                if not ok:
-                    drive.lost_claim = True
-                    logger.warning("lost the claim on run %s", drive.run_id)
-
     # ---- the attempt loop -------------------------------------------------------------------
 
-    async def _attempt_loop(self, drive: _Drive) -> None:
+    async def _attempt_loop(self, drive: _Drive, first: Run) -> Run | None:
+        """Drive one attempt (or finish a run whose last attempt decided it); the run as it is
+        then (finished, or requeued for a retry and released), or None if left as it was."""
+        run: Run | None = first
         while True:
-            run = await self._db(self.store.get_run, drive.run_id)
-            if run.state in TERMINAL or drive.lost_claim:
-                return
+            if run is None:
+                run = await self.ledger.get_run(drive.run_id)
+            if run.state in TERMINAL or drive.lost_claim or self._not_due(run):
+                return None
             job = Job.from_snapshot(run.job_snapshot)
             attempt, fresh = await self._next_attempt(drive, run, job)
             if attempt is None:
-                continue  # the run was finished (cancelled or out of retries)
+                run = None
+                continue  # the run was finished (cancelled or out of retries): read it again
             result = await self._drive_attempt(drive, run, job, attempt, fresh=fresh)
-            await self._record_attempt(run, job, attempt, result)
+            final = await self._record_attempt(run, job, attempt, result)
+            drive.released = True
+            return final
 
     async def _next_attempt(self, drive: _Drive, run: Run, job: Job) -> tuple[Attempt | None, bool]:
         """The attempt to work on: the unfinished latest one, or a new one if a retry is due.
@@ -326,98 +486,106 @@ class Runner:
         The flag says whether this process just created the attempt row: only an attempt
         inherited from an earlier driver can already have a machine we do not know about.
         """
-        latest = await self._db(self.store.latest_attempt, run.id)
+        # A run never attempted needs no look: it has no attempt to resume.
+        latest = await self.ledger.latest_attempt(run.id) if run.attempts else None
         if latest is not None and latest.outcome is None:
             return latest, False
         # A final attempt decides the run (a cancelled attempt is final, with its own reason);
         # only then does a pending cancel stop a retry from starting.
         if latest is not None and not self._should_retry(job, run, latest):
-            await self._finish(
-                run, latest.outcome or "lost", exit_code=latest.exit_code, reason=latest.reason
-            )
+            outcome, reason = self._final_outcome(job, run, latest)
+            await self._finish(run, outcome, exit_code=latest.exit_code, reason=reason)
             return None, False
         if run.cancel_requested or drive.cancel.is_set():
             await self._finish(run, "cancelled", reason="cancelled before the next attempt started")
             return None, False
-        if latest is not None and await self._sleep_until_due(drive, run):
-            await self._finish(run, "cancelled", reason="cancelled while waiting to retry")
-            return None, False
         number = 1 if latest is None else latest.number + 1
-        attempt = await self._db(
-            self.store.create_attempt,
-            run.id,
-            number,
-            submit_id=f"{run.id}.{number}",
-            region=job.region,
+        attempt = await self.ledger.begin_attempt(
+            run.id, number, submit_id=f"{run.id}.{number}", region=job.region
         )
         self._emit("attempt", run.id, f"attempt {number} of {run.max_attempts}", attempt=number)
+        self._emit("state", run.id, "creating machine", state="creating", attempt=number)
         return attempt, True
+
+    def _final_outcome(self, job: Job, run: Run, latest: Attempt) -> tuple[str, str | None]:
+        """The run's terminal state after its last attempt: that attempt's outcome, or ``dead``
+        for a queued run whose failure would have been retried had it attempts left."""
+        outcome = latest.outcome or "lost"
+        retryable = job.retries.should_retry(self._retry_outcome(latest), latest.exit_code)
+        if run.queue is not None and outcome not in {"succeeded", "cancelled"} and retryable:
+            why = latest.reason or outcome
+            return "dead", f"all {run.max_attempts} attempt(s) used; the last {outcome}: {why}"
+        return outcome, latest.reason
+
+    @staticmethod
+    def _retry_outcome(latest: Attempt) -> str:
+        outcome = latest.outcome or "lost"
+        if outcome == "create_failed" and (latest.reason or "").startswith("capacity:"):
+            return "capacity"
+        return outcome
 
     def _should_retry(self, job: Job, run: Run, latest: Attempt) -> bool:
         if latest.number >= run.max_attempts:
             return False
         if latest.outcome in {"succeeded", "cancelled"}:
             return False
-        outcome = latest.outcome or "lost"
-        if outcome == "create_failed" and (latest.reason or "").startswith("capacity:"):
-            outcome = "capacity"
-        return job.retries.should_retry(outcome, latest.exit_code)
-
-    async def _sleep_until_due(self, drive: _Drive, run: Run) -> bool:
-        """Sleep until ``next_attempt_at``; True if cancelled meanwhile."""
-        if run.next_attempt_at is None:
-            return False
-        delay = (run.next_attempt_at - datetime.now(UTC)).total_seconds()
-        if delay <= 0:
-            return False
-        with anyio.move_on_after(delay):
-            await drive.cancel.wait()
-            return True
-        return False
+        return job.retries.should_retry(self._retry_outcome(latest), latest.exit_code)
 
     async def _record_attempt(
         self, run: Run, job: Job, attempt: Attempt, result: AttemptResult
-    ) -> None:
-        finished = await self._db(
-            self.store.update_attempt,
+    ) -> Run:
+        """Record how the attempt ended and what follows (the run's outcome, or a requeue for
+        the next attempt), letting go of the claim, in one ledger transaction."""
+        now = self.clock.now()
+        # API errors and exit details can quote the machine's config or output.
+        reason = self._masker(job).mask(result.reason) if result.reason else None
+        ended = replace(attempt, outcome=result.outcome, exit_code=result.exit_code, reason=reason)
+        fields: dict[str, Any] = {
+            "state": "finished",
+            "outcome": result.outcome,
+            "exit_code": result.exit_code,
+            "oom_killed": result.oom_killed,
+            "signal": result.signal,
+            "requested_stop": result.requested_stop,
+            "reason": reason,
+            "finished_at": now,
+        }
+        if self._should_retry(job, run, ended):
+            delay = job.retries.delay_for(attempt.number + 1)
+            why = f"exit code {result.exit_code}" if result.outcome == "failed" else result.outcome
+            requeue_reason = (
+                f"attempt {attempt.number} {result.outcome} ({why}); "
+                f"attempt {attempt.number + 1} of {run.max_attempts} in {delay:.0f}s"
+            )
+            final = await self.ledger.end_attempt(
+                run.id,
+                attempt.number,
+                owner=self.owner,
+                requeue_at=now + timedelta(seconds=delay),
+                requeue_reason=requeue_reason,
+                attempt_fields=fields,
+            )
+            self._emit("retry", run.id, requeue_reason, attempt=attempt.number)
+            return final
+        outcome, run_reason = self._final_outcome(job, run, ended)
+        final = await self.ledger.end_attempt(
             run.id,
             attempt.number,
-            state="finished",
-            outcome=result.outcome,
+            owner=self.owner,
+            outcome=outcome,
             exit_code=result.exit_code,
-            oom_killed=result.oom_killed,
-            signal=result.signal,
-            requested_stop=result.requested_stop,
-            # API errors and exit details can quote the machine's config or output.
-            reason=self._masker(job).mask(result.reason) if result.reason else None,
-            finished_at=datetime.now(UTC),
+            reason=run_reason,
+            attempt_fields=fields,
         )
-        if self._should_retry(job, run, finished):
-            delay = job.retries.delay_for(attempt.number + 1)
-            reason = f"attempt {attempt.number} {result.outcome}; retrying in {delay:.0f}s"
-            await self._db(
-                self.store.transition_run,
-                run.id,
-                "pending",
-                reason=reason,
-                attempt_number=attempt.number,
-                next_attempt_at=datetime.fromtimestamp(time.time() + delay, UTC),
-            )
-            self._emit("retry", run.id, reason, attempt=attempt.number)
+        if final.state == outcome:
+            self._emit("state", run.id, run_reason or outcome, state=outcome)
+        return final
 
     async def _finish(
         self, run: Run, outcome: str, *, exit_code: int | None = None, reason: str | None = None
     ) -> None:
-        if await self._db(
-            self.store.finish_run, run.id, outcome, exit_code=exit_code, reason=reason
-        ):
+        if await self.ledger.finish_run(run.id, outcome, exit_code=exit_code, reason=reason):
             self._emit("state", run.id, reason or outcome, state=outcome)
-
-    async def _transition(self, run: Run, state: str, attempt: int, reason: str) -> None:
-        await self._db(
-            self.store.transition_run, run.id, state, reason=reason, attempt_number=attempt
-        )
-        self._emit("state", run.id, reason, state=state, attempt=attempt)
 
     # ---- one attempt ------------------------------------------------------------------------
 
@@ -435,19 +603,36 @@ class Runner:
                     return created
                 found = created
             machine_id = found.id
-            attempt = await self._db(
-                self.store.update_attempt,
+            made = f"machine {found.id} created in {found.region}"
+            attempt = await self.ledger.advance_attempt(
                 run.id,
                 attempt.number,
+                to_state="starting",
+                reason=made,
                 state="starting",
                 machine_id=found.id,
                 instance_id=found.instance_id,
                 region=found.region,
             )
-            await self._transition(
-                run, "starting", attempt.number, f"machine {found.id} created in {found.region}"
-            )
-        return await self._watch(drive, run, job, attempt, machine_id)
+            self._emit("state", run.id, made, state="starting", attempt=attempt.number)
+        drive.machines.append(machine_id)
+        self.logs.follow(
+            app=self._app_of(run),
+            machine_id=machine_id,
+            run_id=run.id,
+            attempt=attempt.number,
+            since=attempt.created_at,
+            masker=self._masker(job),
+        )
+        try:
+            return await self._watch(drive, run, job, attempt, machine_id)
+        finally:
+            # The outcome is recorded now; the lines still in flight are copied afterwards,
+            # without holding the run's claim or the caller's slot.
+            self.logs.machine_exited(machine_id)
+
+    def _app_of(self, run: Run) -> str:
+        return run.app or self.app
 
     async def _find_machine(self, submit_id: str, run: Run) -> Machine | None:
         """The machine an earlier driver may have created for this attempt before dying."""
@@ -462,7 +647,6 @@ class Runner:
         return min(ours, key=lambda m: m.created_at or "") if ours else None
 
     async def _create(self, run: Run, job: Job, attempt: Attempt) -> Machine | AttemptResult:
-        await self._transition(run, "creating", attempt.number, "creating machine")
         try:
             config = job.to_machine_config(
                 environ=self.environ, metadata=machine_metadata(run, attempt, job)
@@ -488,118 +672,134 @@ class Runner:
                     if found is not None:
                         return found
                 return AttemptResult("create_failed", reason=str(exc))
+            except (UnicodeError, ValueError) as exc:
+                # A config the API cannot even be sent (e.g. text that is not valid UTF-8).
+                return AttemptResult("create_failed", reason=f"invalid machine config: {exc}")
         return AttemptResult("create_failed", reason=f"capacity: {last}", capacity=True)
 
     async def _watch(
         self, drive: _Drive, run: Run, job: Job, attempt: Attempt, machine_id: str
     ) -> AttemptResult:
-        """Wait for the machine to start and exit, copying logs; enforce timeout and cancel."""
-        copier = LogCopier(
-            self.client,
-            self.store,
-            run_id=run.id,
-            attempt=attempt.number,
-            machine_id=machine_id,
-            on_event=self.on_event,
-            poll_interval=self._log_poll,
-            drain_grace=self._log_grace,
-            to_thread=self._db,
-            app=self._app_of(run),
-            since=attempt.created_at,
-            masker=self._masker(job),
-        )
+        """Wait for the machine's exit; enforce the timeout and pass on a cancel."""
+        app = self._app_of(run)
         forced: str | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(copier.run)
-            forced = await self._wait_exit(drive, run, job, attempt, machine_id)
-            if forced is not None:
-                await self._stop_and_destroy(job, machine_id, self._app_of(run))
-            copier.machine_exited()
-        return await self._outcome(machine_id, self._app_of(run), forced)
-
-    def _deadline(self, job: Job, attempt: Attempt) -> float:
-        """Seconds left before the attempt's timeout (from its start, or its creation)."""
-        if job.timeout is None:
-            return NO_DEADLINE
-        since = attempt.started_at or attempt.created_at
-        elapsed = (datetime.now(UTC) - since).total_seconds()
-        return job.timeout - elapsed
-
-    async def _wait_exit(
-        self, drive: _Drive, run: Run, job: Job, attempt: Attempt, machine_id: str
-    ) -> str | None:
-        """Block until the machine exits (None), the deadline passes or a cancel arrives."""
+        machine: Machine | None = None
         if drive.cancel.is_set():
-            return "cancelled"
-        result: str | None = "timed_out"
-        with anyio.move_on_after(max(0.0, self._deadline(job, attempt))):
+            forced = "cancelled"
+        else:
             async with anyio.create_task_group() as tg:
 
                 async def watch_cancel() -> None:
-                    nonlocal result
+                    nonlocal forced
                     await drive.cancel.wait()
-                    result = "cancelled"
+                    forced = "cancelled"
+                    tg.cancel_scope.cancel()
+
+                async def watch_exit() -> None:
+                    nonlocal forced, machine
+                    forced, machine = await self._wait_exit(run, job, attempt, machine_id)
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch_cancel)
-                if attempt.started_at is None:
-                    await self._wait_started(run, attempt, machine_id)
-                await self._wait_stopped(attempt, machine_id, self._app_of(run))
-                result = None
-                tg.cancel_scope.cancel()
+                tg.start_soon(watch_exit)
+        if forced is not None:
+            await self._stop_and_destroy(job, machine_id, app)
+            machine = None
+        if machine is None:
+            machine = await self._get_machine(machine_id, app)
+        result = read_outcome(machine_id, machine, forced, timeout=job.timeout)
+        await self._note_start(run, attempt, machine)
         return result
 
-    async def _wait_started(self, run: Run, attempt: Attempt, machine_id: str) -> None:
-        began = time.monotonic()
+    async def _wait_exit(
+        self, run: Run, job: Job, attempt: Attempt, machine_id: str
+    ) -> tuple[str | None, Machine | None]:
+        """Block until the machine exits: ``(None, machine or None)``; or until the job's
+        deadline, counted from the machine's own start event, passes: ``("timed_out", None)``.
+
+        Judging the deadline by what the machine did, not by when a driver wrote a row, is what
+        makes a driver that comes back late record the truth: a job that exited by itself before
+        its deadline is never called timed out, and a machine created by a late driver gets its
+        whole timeout."""
+        app = self._app_of(run)
+        started_at = attempt.started_at
+        poll = self._first_wait
+        if job.timeout is not None:
+            # Before the start event is read, the deadline is at least this far away.
+            poll = min(poll, job.timeout)
         while True:
+            if job.timeout is not None and started_at is not None:
+                left = (
+                    started_at + timedelta(seconds=job.timeout) - self.clock.now()
+                ).total_seconds()
+                poll = min(poll, max(0.0, left))
             try:
-                await self.client.wait(
-                    machine_id,
-                    "started",
-                    instance_id=attempt.instance_id,
-                    timeout=self._start_poll,
-                    app=self._app_of(run),
-                )
-                break
-            except MachineDestroyed:
-                return  # it already ran to completion
-            except NotFound:
-                return  # gone: _outcome decides between an exit event and "lost"
+                # The API's wait takes whole seconds; a deadline closer than that is kept by
+                # cancelling the poll, so a timeout is enforced on time, not up to 1 s late.
+                with anyio.move_on_after(poll):
+                    await self.client.wait(
+                        machine_id,
+                        ["stopped", "destroyed"],
+                        instance_id=attempt.instance_id,
+                        timeout=max(poll, 1.0),
+                        app=app,
+                    )
+                    return None, None
+            except (NotFound, MachineDestroyed):
+                return None, None  # gone: the exit event (or its absence) decides
             except WaitTimeout:
-                try:
-                    machine = await self.client.get_machine(machine_id, app=self._app_of(run))
-                except NotFound:
-                    return
-                if machine.state in {"stopped", "destroyed", "destroying", "failed"}:
-                    return
+                pass
+            machine = await self._get_machine(machine_id, app)
+            if machine is None or machine.state in {"stopped", "destroyed", "destroying", "failed"}:
+                return None, machine
+            start = machine.last_start()
+            if start is not None and started_at is None:
+                started_at = _event_time(start.timestamp)
+                attempt = await self._note_start(run, attempt, machine)
+            elif start is None:
                 # Pulling a large image can take minutes on Fly: say that it is still going.
-                waited = time.monotonic() - began
                 self._emit(
                     "notice",
                     run.id,
-                    f"machine {machine_id} is still starting ({machine.state}, {waited:.0f}s)",
+                    f"machine {machine_id} is still starting ({machine.state})",
                     attempt=attempt.number,
                 )
-        await self._db(
-            self.store.update_attempt,
+            if (
+                job.timeout is not None
+                and started_at is not None
+                and self.clock.now() >= started_at + timedelta(seconds=job.timeout)
+            ):
+                return "timed_out", None
+            poll = LONG_WAIT
+
+    async def _note_start(self, run: Run, attempt: Attempt, machine: Machine | None) -> Attempt:
+        """Record the attempt's start (from the machine's start event) once, and move the run to
+        ``running``; for a run whose exit came first, the history still shows the start."""
+        if attempt.started_at is not None or machine is None:
+            return attempt
+        start = machine.last_start()
+        if start is None:
+            return attempt
+        when = _event_time(start.timestamp)
+        started = f"machine {machine.id} started"
+        attempt = await self.ledger.advance_attempt(
             run.id,
             attempt.number,
+            to_state="running",
+            reason=started,
+            from_states={"pending", "creating", "starting"},
+            run_fields={"started_at": when},
             state="running",
-            started_at=datetime.now(UTC),
+            started_at=when,
         )
-        await self._transition(run, "running", attempt.number, f"machine {machine_id} started")
+        self._emit("state", run.id, started, state="running", attempt=attempt.number)
+        return attempt
 
-    async def _wait_stopped(self, attempt: Attempt, machine_id: str, app: str) -> None:
+    async def _get_machine(self, machine_id: str, app: str) -> Machine | None:
         try:
-            await self.client.wait(
-                machine_id,
-                ["stopped", "destroyed"],
-                instance_id=attempt.instance_id,
-                timeout=NO_DEADLINE,
-                app=app,
-            )
+            return await self.client.get_machine(machine_id, app=app)
         except NotFound:
-            return  # gone: _outcome decides between an exit event and "lost"
+            return None
 
     async def _stop_and_destroy(self, job: Job, machine_id: str, app: str) -> None:
         """Stop gracefully (the job's stop signal and grace), then destroy. Never raises for 404."""
@@ -610,7 +810,7 @@ class Runner:
                 )
                 with anyio.move_on_after(job.stop_timeout + 5):
                     await self.client.wait(machine_id, ["stopped", "destroyed"], app=app)
-            except (NotFound, Conflict, WaitTimeout):
+            except (NotFound, Conflict, WaitTimeout, MachineDestroyed):
                 pass
             except MachinesAPIError as exc:
                 logger.warning("stopping machine %s failed: %s", machine_id, exc)
@@ -620,13 +820,6 @@ class Runner:
                 pass
             except MachinesAPIError as exc:
                 logger.warning("destroying machine %s failed: %s", machine_id, exc)
-
-    async def _outcome(self, machine_id: str, app: str, forced: str | None) -> AttemptResult:
-        try:
-            machine: Machine | None = await self.client.get_machine(machine_id, app=app)
-        except NotFound:
-            machine = None
-        return read_outcome(machine_id, machine, forced)
 
     def _masker(self, job: Job) -> SecretMasker:
         """Masks the values of ``job``'s secrets (as this process sees them) in text we store."""

@@ -227,6 +227,11 @@ class Machine(FlyModel):
                 return None
         return None
 
+    def last_start(self) -> MachineEvent | None:
+        """The newest ``start`` event: when the machine's current (or last) run began."""
+        starts = [e for e in self.events if e.type == "start"]
+        return max(starts, key=lambda e: e.timestamp) if starts else None
+
     def exit_event(self) -> ExitEvent | None:
         event = self.last_exit()
         return event.exit_event() if event is not None else None

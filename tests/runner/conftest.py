@@ -78,7 +78,6 @@ def make_runner(
         on_event=recorder or (lambda e: None),
         log_poll_interval=0.05,
         log_drain_grace=0.2,
-        start_poll=2.0,
     )
 
 

@@ -102,6 +102,7 @@ async def test_a_resumed_driver_records_a_cancel_its_predecessor_carried_out(
     await client.wait(machine.id, "destroyed", timeout=30)
 
     finished = await runner.drive(run.id)
+    await runner.logs_settled(run.id)
 
     assert finished.state == "cancelled"
     assert store.get_attempts(run.id)[0].outcome == "cancelled"
@@ -126,6 +127,7 @@ async def test_a_resumed_driver_stops_a_cancelled_runs_machine(
 
     started = time.monotonic()
     finished = await runner.drive(run.id)
+    await runner.logs_settled(run.id)
 
     assert finished.state == "cancelled"
     assert time.monotonic() - started < 20  # not the job's 60 s
@@ -141,6 +143,7 @@ async def test_a_cancel_before_the_machine_exists_creates_no_machine(
     store.request_cancel(run.id)
 
     finished = await runner.drive(run.id)
+    await runner.logs_settled(run.id)
 
     assert finished.state == "cancelled"
     assert await machines_of(client, run.id) == []
@@ -160,7 +163,7 @@ async def test_a_machine_gone_before_it_was_seen_starting_is_lost_not_an_error(
 
 
 async def test_an_ambiguous_create_failure_adopts_the_machine_it_made(
-    runner: Runner, client: AsyncMachinesClient, monkeypatch: pytest.MonkeyPatch
+    runner: Runner, client: AsyncMachinesClient, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_create = runner.client.create_machine
 
@@ -172,7 +175,7 @@ async def test_an_ambiguous_create_failure_adopts_the_machine_it_made(
     run = await runner.run(py_job("ambiguous", "print('ran once')"))
     assert run.state == "succeeded"
     assert len(await machines_of(client, run.id)) == 1
-    assert [line.message for line in runner.store.get_logs(run.id)] == ["ran once"]
+    assert [line.message for line in store.get_logs(run.id)] == ["ran once"]
 
 
 async def test_a_capacity_failure_is_retried_after_the_backoff(
@@ -231,7 +234,9 @@ async def test_an_api_outage_raises_the_error_itself_and_leaves_the_run_resumabl
 
     left = store.get_run(run.id)
     assert left.finished_at is None and left.owner is None  # unfinished, claim released
-    finished = await make_runner(client, store).drive(run.id)
+    resumer = make_runner(client, store)
+    finished = await resumer.drive(run.id)
+    await resumer.logs_settled(run.id)  # the outcome is recorded before the last lines
     assert finished.state == "succeeded"
     assert len(store.get_attempts(run.id)) == 1  # the same machine, adopted
     assert [line.message for line in store.get_logs(run.id)] == ["survived"]
@@ -241,8 +246,9 @@ async def test_reconcile_finishes_the_other_runs_when_one_cannot_be_finished(
     client: AsyncMachinesClient, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runner = make_runner(client, store)
-    good = await runner.submit(py_job("fine", "print(1)"))
-    bad = await runner.submit(py_job("unlucky", "print(2)"))
+    # Recorded but never driven, as if the process that submitted them had died.
+    good = await runner.submit(py_job("fine", "print(1)"), claim=False)
+    bad = await runner.submit(py_job("unlucky", "print(2)"), claim=False)
     real_create = runner.client.create_machine
 
     async def create(config: Any, **kw: Any) -> Machine:
@@ -251,9 +257,11 @@ async def test_reconcile_finishes_the_other_runs_when_one_cannot_be_finished(
         return await real_create(config, **kw)
 
     monkeypatch.setattr(runner.client, "create_machine", create)
-    results = {r.id: r for r in await runner.reconcile()}
+    report = await runner.reconcile()
+    results = {r.id: r for r in report.runs}
     assert results[good.id].state == "succeeded"
     assert results[bad.id].finished_at is None
+    assert bad.id in report.errors  # said, with its own error, and the command exits non-zero
 
 
 async def test_gc_spares_a_machine_whose_tag_names_a_live_run(
@@ -296,17 +304,29 @@ async def test_a_job_in_another_app_has_its_logs_copied(
 async def test_a_slow_start_is_reported_while_it_lasts(
     runner: Runner, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_wait = runner.client.wait
+    real_wait, real_get = runner.client.wait, runner.client.get_machine
     timeouts = 0
 
     async def slow_to_start(machine: Any, state: Any = "started", **kw: Any) -> None:
         nonlocal timeouts
-        if state == "started" and timeouts < 2:  # as if a large image were still being pulled
+        if timeouts < 2:  # as if a large image were still being pulled
             timeouts += 1
             raise WaitTimeout(status_code=408, method="GET", path="/wait")
         await real_wait(machine, state, **kw)
 
+    async def not_started_yet(machine_id: str, **kw: Any) -> Machine:
+        machine = await real_get(machine_id, **kw)
+        if timeouts <= 2 and machine.state not in {"stopped", "destroyed"}:
+            return machine.model_copy(
+                update={
+                    "state": "created",
+                    "events": [e for e in machine.events if e.type != "start"],
+                }
+            )
+        return machine
+
     monkeypatch.setattr(runner.client, "wait", slow_to_start)
+    monkeypatch.setattr(runner.client, "get_machine", not_started_yet)
     run = await runner.run(py_job("slowstart", "import time; time.sleep(1); print('up')"))
     assert run.state == "succeeded"
     notices = [e.message for e in recorder.events if e.kind == "notice"]
@@ -325,7 +345,7 @@ async def test_a_run_of_another_backend_is_not_driven_here(runner: Runner, store
     )
     with pytest.raises(WrongBackend, match="--backend fly"):
         await runner.drive(run.id)
-    assert await runner.reconcile() == []  # not picked up either
+    assert (await runner.reconcile()).runs == []  # not picked up either
     assert store.get_attempts(run.id) == []
 
 
@@ -349,6 +369,7 @@ async def test_a_resumed_attempt_never_adopts_a_machine_without_its_submit_id(
 
     monkeypatch.setattr(runner.client, "list_machines", filter_ignored)
     finished = await runner.drive(run.id)
+    await runner.logs_settled(run.id)
     assert finished.state == "succeeded"
     assert store.get_attempts(run.id)[0].machine_id != stranger.id
     assert [line.message for line in store.get_logs(run.id)] == ["mine"]

@@ -43,6 +43,7 @@ async def test_resume_adopts_a_machine_created_before_a_crash(
     )
 
     finished = await runner.drive(run.id)
+    await runner.logs_settled(run.id)
 
     assert finished.state == "succeeded"
     attempts = store.get_attempts(run.id)
@@ -60,11 +61,12 @@ async def test_a_second_driver_resumes_a_run_whose_driver_went_away(
     run = await first.submit(py_job("resume", code))
     async with anyio.create_task_group() as tg:
         tg.start_soon(first.drive, run.id)
-        await wait_for_state(store, run.id, "running")
+        await wait_for_state(store, run.id, "starting")
         tg.cancel_scope.cancel()  # the first driver stops watching mid-run
 
     second = make_runner(client, store)
     finished = await second.drive(run.id)
+    await second.logs_settled(run.id)  # the outcome is recorded before the last lines
 
     assert finished.state == "failed" and finished.exit_code == 5
     assert len(store.get_attempts(run.id)) == 1
@@ -104,10 +106,10 @@ async def test_cancel_of_a_run_nobody_drives_finishes_it_without_a_machine(
 async def test_two_drivers_cannot_drive_one_run(client: AsyncMachinesClient, store: Store) -> None:
     first = make_runner(client, store)
     second = make_runner(client, store)
-    run = await first.submit(py_job("once", "import time; time.sleep(1)"))
+    run = await first.submit(py_job("once", "import time; time.sleep(2)"))
     async with anyio.create_task_group() as tg:
         tg.start_soon(first.drive, run.id)
-        await wait_for_state(store, run.id, "running")
+        await wait_for_state(store, run.id, "starting")
         with pytest.raises(RunBusy):
             await second.drive(run.id)
     assert store.get_run(run.id).state == "succeeded"
@@ -132,7 +134,7 @@ async def test_machine_that_vanishes_without_exit_event_is_lost(
 
 
 async def test_capacity_errors_fall_back_to_the_next_region(
-    runner: Runner, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+    runner: Runner, recorder: Recorder, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_create = runner.client.create_machine
 
@@ -147,7 +149,7 @@ async def test_capacity_errors_fall_back_to_the_next_region(
     job = py_job("roam", "print('ok')", region="ord", fallback_regions=["iad"])
     run = await runner.run(job)
     assert run.state == "succeeded"
-    assert runner.store.get_attempts(run.id)[0].region == "iad"
+    assert store.get_attempts(run.id)[0].region == "iad"
     assert any("no capacity in ord" in e.message for e in recorder.events)
 
 
