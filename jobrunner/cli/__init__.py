@@ -27,6 +27,8 @@ COMMANDS = {
     "gc": "jobrunner.cli.runs_commands:gc_command",
     "jobs": "jobrunner.cli.jobs_commands:jobs_group",
     "local": "jobrunner.local.cli:local",
+    "worker": "jobrunner.cli.worker_commands:worker_command",
+    "queues": "jobrunner.cli.worker_commands:queues_command",
 }
 
 SHORT_HELP = {
@@ -38,6 +40,8 @@ SHORT_HELP = {
     "gc": "Destroy tagged machines no run owns.",
     "jobs": "List and validate job files.",
     "local": "Manage the local Machines backend.",
+    "worker": "Claim and run queued runs until stopped.",
+    "queues": "Show each queue's waiting, in-flight and dead runs.",
 }
 
 

@@ -92,7 +92,7 @@ async def drive_interactively(runner: Runner, run_id: str, *, announce: bool) ->
         async with anyio.create_task_group() as tg:
 
             async def drive() -> None:
-                result.run = await runner.drive(run_id)
+                result.run = await runner.wait(run_id)
                 tg.cancel_scope.cancel()
 
             async def on_signals() -> None:
@@ -101,7 +101,7 @@ async def drive_interactively(runner: Runner, run_id: str, *, announce: bool) ->
                     async for _ in signals:
                         presses += 1
                         if presses == 1:
-                            await anyio.to_thread.run_sync(runner.store.request_cancel, run_id)
+                            await runner.ledger.request_cancel(run_id)
                             runner.request_cancel_local(run_id)
                             if announce:
                                 err.print(

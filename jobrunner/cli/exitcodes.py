@@ -34,6 +34,6 @@ def for_outcome(state: str, exit_code: int | None) -> int:
     """The process exit code that reports a finished run's outcome."""
     if state == "succeeded":
         return OK
-    if state == "failed":
+    if state in {"failed", "dead"}:  # dead: a queued run whose every attempt failed
         return exit_code if exit_code and 0 < exit_code < 256 else ERROR
     return OUTCOME_CODES.get(state, ERROR)

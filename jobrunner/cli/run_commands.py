@@ -26,17 +26,31 @@ from jobrunner.durations import parse_duration
 from jobrunner.errors import JobrunnerError
 from jobrunner.runner import WrongBackend
 from jobrunner.session import open_runner, open_store
-from jobrunner.spec import Job, load_job
+from jobrunner.spec import MISSING, Job, JobSpecError, Problem, load_job
+from jobrunner.spec.text import UTF8_FIX, printable, utf8_problem
 from jobrunner.store import LogLine
 
 
 def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     env: dict[str, str] = {}
+    problems: list[Problem] = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--env")
+        # The shell passes bytes that are not UTF-8 as lone surrogates, which the Machines API
+        # cannot take: refuse them here (exit 65, like a bad job file), before any run exists.
+        for part, text in (("name", key), ("value", value)):
+            problem = utf8_problem(text)
+            if problem is not None:
+                problems.append(
+                    Problem(
+                        None, f"--env {printable(key)}", MISSING, f"the {part} {problem}", UTF8_FIX
+                    )
+                )
         env[key] = value
+    if problems:
+        raise JobSpecError(problems)
     return env
 
 
@@ -85,7 +99,8 @@ def run_command(
 async def _run(settings: Settings, job: Job, detach: bool, as_json: bool) -> int:
     printer = TerminalPrinter(quiet=as_json)
     async with open_runner(settings, on_event=printer) as runner:
-        run = await runner.submit(job, trigger="cli")
+        # A detached run is left for its background driver to claim.
+        run = await runner.submit(job, trigger="cli", claim=not detach)
         if detach:
             spawn_driver(run.id, settings)
             if as_json:
@@ -102,11 +117,12 @@ async def _run(settings: Settings, job: Job, detach: bool, as_json: bool) -> int
             spawn_driver(run.id, settings)
             err.print(f"detached; the run goes on. Reattach with: jobrunner wait {run.id}")
             if as_json:  # scripts get the run id (and its state now) on stdout, as with --detach
-                current = await anyio.to_thread.run_sync(runner.store.get_run, run.id)
+                current = await runner.ledger.get_run(run.id)
                 print_json(run_dict(current))
             return exitcodes.DETACHED
         final = result.run or run
-        attempts = await anyio.to_thread.run_sync(runner.store.get_attempts, final.id)
+        await runner.logs_settled(final.id)  # every line printed before the summary
+        attempts = await runner.ledger.get_attempts(final.id)
         return report(final, attempts, as_json=as_json)
 
 
@@ -124,14 +140,15 @@ def wait_command(run_id: str, ctx: CliContext) -> None:
 
 async def _wait(settings: Settings, run_id: str, as_json: bool) -> int:
     async with open_runner(settings, on_event=TerminalPrinter(quiet=as_json)) as runner:
-        found = await anyio.to_thread.run_sync(runner.store.get_run, run_id)  # RunNotFound: exit 2
+        found = await runner.ledger.get_run(run_id)  # RunNotFound: exit 2
         try:
             run = await runner.wait(found.id)
         except WrongBackend:
             raise  # its message says which --backend to use; "wait again" would not help
         except JobrunnerError as exc:
             raise RunInterrupted(found.id, exc) from exc
-        attempts = await anyio.to_thread.run_sync(runner.store.get_attempts, run.id)
+        await runner.logs_settled(run.id)
+        attempts = await runner.ledger.get_attempts(run.id)
         return report(run, attempts, as_json=as_json)
 
 
@@ -150,7 +167,7 @@ async def _cancel(settings: Settings, run_id: str, no_wait: bool, as_json: bool)
         run = await runner.cancel(run_id)
         if not no_wait and run.finished_at is None:
             run = await runner.wait(run.id, poll=0.5)
-        attempts = await anyio.to_thread.run_sync(runner.store.get_attempts, run.id)
+        attempts = await runner.ledger.get_attempts(run.id)
         report(run, attempts, as_json=as_json)
         return exitcodes.OK
 

@@ -9,7 +9,7 @@ import click
 from rich.markup import escape
 
 from jobrunner.cli import exitcodes
-from jobrunner.cli.common import CliContext, common_options, err, out, print_json
+from jobrunner.cli.common import CliContext, common_options, err, out, print_json, utf8_flag
 from jobrunner.cli.driving import TerminalPrinter, report
 from jobrunner.cli.render import run_detail, run_dict, runs_table
 from jobrunner.config import Settings
@@ -26,7 +26,7 @@ def runs_group() -> None:
 
 
 @runs_group.command("list")
-@click.option("--job", help="Only runs of this job.")
+@click.option("--job", callback=utf8_flag, help="Only runs of this job.")
 @click.option(
     "--state",
     multiple=True,
@@ -104,15 +104,16 @@ def _print_notices(event: RunEvent) -> None:
 
 async def _reconcile(settings: Settings, as_json: bool) -> int:
     async with open_runner(settings, on_event=_print_notices) as runner:
-        runs = await runner.reconcile()
-        rows = [(r, await anyio.to_thread.run_sync(runner.store.get_attempts, r.id)) for r in runs]
+        done = await runner.reconcile()
+        rows = [(r, await runner.ledger.get_attempts(r.id)) for r in done.runs]
     if as_json:
         print_json([run_dict(r, a) for r, a in rows])
     elif rows:
         out.print(runs_table(rows))
     else:
         err.print("nothing to reconcile: every run is finished or has a live driver")
-    unfinished = [r.id for r, _ in rows if r.finished_at is None]
+    # A run waiting for its retry's time is not a failure; a run that raised is.
+    unfinished = sorted(done.errors)
     if unfinished:
         # The reason for each was printed as it happened; the runs stay in the ledger as they were.
         err.print(
@@ -121,6 +122,47 @@ async def _reconcile(settings: Settings, as_json: bool) -> int:
         )
         return exitcodes.BACKEND_ERROR
     return exitcodes.OK
+
+
+@runs_group.command("retry")
+@click.argument("run_id", metavar="RUN")
+@click.option(
+    "--attempts",
+    type=click.IntRange(1, 100),
+    default=None,
+    help="Attempts to give it [default: the job's retries.max_attempts].",
+)
+@common_options
+def retry_command(run_id: str, attempts: int | None, ctx: CliContext) -> None:
+    """Queue a finished run (usually a dead one) again, under the same id, for workers.
+
+    Its history stays; it gets new attempts and goes back to its queue (or `default`).
+    """
+    from jobrunner.spec import Job
+    from jobrunner.store import default_url
+    from jobrunner.wakeup import notify
+
+    settings = ctx.settings()
+    store = open_store(settings)
+    try:
+        run = store.get_run(run_id)  # RunNotFound / ambiguous: exit 2
+        extra = attempts or Job.from_snapshot(run.job_snapshot).retries.max_attempts
+        try:
+            run = store.retry_run(run.id, extra_attempts=extra)
+        except ValueError as exc:
+            err.print(f"[bold red]error:[/] {escape(str(exc))}")
+            sys.exit(exitcodes.USAGE)
+    finally:
+        store.close()
+    notify(database_url=settings.database_url or default_url(), home=settings.home)
+    if ctx.json:
+        print_json(run_dict(run))
+    else:
+        err.print(
+            f"[dim]jobrunner:[/] run {run.id} queued again on {escape(run.queue or 'default')} "
+            f"with {extra} more attempt(s); a `jobrunner worker` will run it"
+        )
+    sys.exit(exitcodes.OK)
 
 
 @runs_group.command("drive", hidden=True)
@@ -133,11 +175,12 @@ def drive_command(run_id: str, ctx: CliContext) -> None:
     async def go() -> int:
         async with open_runner(settings, on_event=TerminalPrinter(quiet=False)) as runner:
             try:
-                run = await runner.drive(run_id)
+                run = await runner.wait(run_id)
+                await runner.logs_settled(run.id)
             except RunBusy as exc:
                 err.print(str(exc))
                 return exitcodes.OK
-            attempts = await anyio.to_thread.run_sync(runner.store.get_attempts, run.id)
+            attempts = await runner.ledger.get_attempts(run.id)
             return report(run, attempts, as_json=False)
 
     sys.exit(anyio.run(go))
