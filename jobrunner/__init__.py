@@ -18,31 +18,48 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AsyncJobRunner": "jobrunner.api",
+    "AsyncRunHandle": "jobrunner.handles",
     "Job": "jobrunner.spec",
     "JobRunner": "jobrunner.api",
     "JobSpecError": "jobrunner.spec",
     "JobrunnerError": "jobrunner.errors",
+    "QueueOptions": "jobrunner.queue",
     "RetryPolicy": "jobrunner.spec",
     "Run": "jobrunner.store",
+    "RunHandle": "jobrunner.handles",
+    "RunResult": "jobrunner.handles",
+    "RunState": "jobrunner.states",
+    "RunnerClosed": "jobrunner.handles",
+    "as_completed": "jobrunner.handles",
     "load_job": "jobrunner.spec",
 }
 
 __all__ = [
     "AsyncJobRunner",
+    "AsyncRunHandle",
     "Job",
     "JobRunner",
     "JobSpecError",
     "JobrunnerError",
+    "QueueOptions",
     "RetryPolicy",
     "Run",
+    "RunHandle",
+    "RunResult",
+    "RunState",
+    "RunnerClosed",
     "__version__",
+    "as_completed",
     "load_job",
 ]
 
 if TYPE_CHECKING:
     from jobrunner.api import AsyncJobRunner, JobRunner
     from jobrunner.errors import JobrunnerError
+    from jobrunner.handles import AsyncRunHandle, RunHandle, RunnerClosed, RunResult, as_completed
+    from jobrunner.queue import QueueOptions
     from jobrunner.spec import Job, JobSpecError, RetryPolicy, load_job
+    from jobrunner.states import RunState
     from jobrunner.store import Run
 
 
