@@ -29,6 +29,8 @@ COMMANDS = {
     "local": "jobrunner.local.cli:local",
     "worker": "jobrunner.cli.worker_commands:worker_command",
     "queues": "jobrunner.cli.worker_commands:queues_command",
+    "scheduler": "jobrunner.cli.schedule_commands:scheduler_command",
+    "schedules": "jobrunner.cli.schedule_commands:schedules_group",
 }
 
 SHORT_HELP = {
@@ -42,6 +44,8 @@ SHORT_HELP = {
     "local": "Manage the local Machines backend.",
     "worker": "Claim and run queued runs until stopped.",
     "queues": "Show each queue's waiting, in-flight and dead runs.",
+    "scheduler": "Decide cron ticks of scheduled jobs until stopped.",
+    "schedules": "Inspect, pause, trigger and sync scheduled jobs.",
 }
 
 

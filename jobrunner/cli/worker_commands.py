@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 
 import anyio
 import click
 
 from jobrunner.cli import exitcodes
 from jobrunner.cli.common import CliContext, common_options, err, out, print_json
+from jobrunner.cli.jobs_commands import JOBS_DIR
 from jobrunner.config import Settings, parse_queue_limits
 from jobrunner.events import RunEvent
 from jobrunner.session import open_runner, open_store
@@ -54,12 +56,20 @@ def _notices(event: RunEvent) -> None:
     help="At most N runs of QUEUE in flight over all workers (repeatable) "
     "[env JOBRUNNER_QUEUE_LIMITS].",
 )
+@click.option(
+    "--no-scheduler",
+    is_flag=True,
+    help="Do not also decide the cron ticks of the scheduled jobs in --jobs-dir.",
+)
+@JOBS_DIR
 @common_options
 def worker_command(
     queues: tuple[str, ...],
     concurrency: int,
     grace: float,
     queue_limit: tuple[str, ...],
+    no_scheduler: bool,
+    jobs_dir: Path,
     ctx: CliContext,
 ) -> None:
     """Claim queued runs and drive them until stopped.
@@ -67,11 +77,19 @@ def worker_command(
     Serves the given queues in priority order, adopts runs whose driver died, and on SIGTERM
     (or Ctrl-C) stops claiming, keeps driving what it has for --grace seconds, then releases the
     rest for another worker and exits 0. A second signal releases at once.
+
+    It also runs the cron scheduler for the scheduled jobs in --jobs-dir (one process to
+    deploy), unless given --no-scheduler; several may share a ledger, each tick fires once.
     """
     settings = ctx.settings()
     limits = dict(settings.queue_limits)
     limits.update(parse_queue_limits(",".join(queue_limit), source="--queue-limit"))
-    sys.exit(anyio.run(_work, settings, list(queues) or ["default"], concurrency, grace, limits))
+    schedules = None if no_scheduler else jobs_dir
+    sys.exit(
+        anyio.run(
+            _work, settings, list(queues) or ["default"], concurrency, grace, limits, schedules
+        )
+    )
 
 
 async def _work(
@@ -80,14 +98,17 @@ async def _work(
     concurrency: int,
     grace: float,
     limits: dict[str, int],
+    jobs_dir: Path | None,
 ) -> int:
+    from jobrunner.scheduler import Scheduler
     from jobrunner.store import default_url
-    from jobrunner.wakeup import Wakeup
+    from jobrunner.wakeup import Wakeup, notify
     from jobrunner.worker import Worker
 
     url = settings.database_url or default_url()
+    store = await anyio.to_thread.run_sync(open_store, settings)
     async with (
-        open_runner(settings, on_event=_notices) as runner,
+        open_runner(settings, store=store, on_event=_notices) as runner,
         await Wakeup.open(database_url=url, home=settings.home) as wakeup,
     ):
         worker = Worker(
@@ -103,7 +124,18 @@ async def _work(
             f"({concurrency} at a time) on the {settings.backend} backend",
             markup=False,
         )
+        scheduler = None
+        if jobs_dir is not None:
+            scheduler = Scheduler(
+                store,
+                backend=settings.backend,
+                app=settings.app,
+                jobs_dir=jobs_dir,
+                on_fired=lambda: notify(database_url=url, home=settings.home),
+            )
         async with anyio.create_task_group() as tg:
+            if scheduler is not None:
+                tg.start_soon(scheduler.run)
 
             async def on_signals() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -118,6 +150,8 @@ async def _work(
                             )
                             worker.grace = min(worker.grace, grace)
                             worker.stop()
+                            if scheduler is not None:
+                                scheduler.stop()
                         else:
                             worker.grace = 0
                             worker.stop()
@@ -126,6 +160,7 @@ async def _work(
             tg.start_soon(on_signals)
             stats = await worker.run()
             tg.cancel_scope.cancel()
+    store.close()
     err.print(
         f"jobrunner: worker stopped: {stats.finished} finished, {stats.adopted} adopted, "
         f"{stats.released} released to other workers",

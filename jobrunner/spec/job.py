@@ -12,7 +12,7 @@ import re
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -39,6 +39,7 @@ from jobrunner.spec.problems import (
     spec_error,
 )
 from jobrunner.spec.retry import RetryPolicy, duration_field
+from jobrunner.spec.schedule import SCHEDULE_KEYS, schedule_problems
 from jobrunner.spec.text import is_utf8, printable
 
 __all__ = ["SNAPSHOT_FORMAT", "Job"]
@@ -85,6 +86,17 @@ class Job(BaseModel):
     retries: RetryPolicy = Field(default_factory=RetryPolicy)
     metadata: dict[Utf8Str, Utf8Str] = Field(default_factory=dict)
     app: str | None = None
+    # When it runs by itself (spec/schedule.py; checked together in _whole_job_problems).
+    schedule: str | None = None
+    timezone: str | None = None
+    concurrency: Literal["allow", "forbid", "replace"] = "forbid"
+    starting_deadline: float | None = None
+    catch_up: Literal["none", "latest", "all"] = "latest"
+    catch_up_limit: int = Field(default=100, ge=1, le=10_000)
+    jitter: float = 0.0
+    paused: bool = False
+    history_limit: int | None = Field(default=100, ge=1)
+    native: bool = False
 
     _source_path: Path | None = PrivateAttr(default=None)
 
@@ -210,6 +222,16 @@ class Job(BaseModel):
     @classmethod
     def _timeout(cls, value: Any) -> Any:
         return None if value is None else duration_field(value, minimum_exclusive=True)
+
+    @field_validator("starting_deadline", mode="before")
+    @classmethod
+    def _starting_deadline(cls, value: Any) -> Any:
+        return None if value is None else duration_field(value, minimum_exclusive=True)
+
+    @field_validator("jitter", mode="before")
+    @classmethod
+    def _jitter(cls, value: Any) -> Any:
+        return duration_field(value)
 
     @field_validator("stop_timeout", mode="before")
     @classmethod
@@ -349,6 +371,10 @@ class Job(BaseModel):
         """The JSON-safe definition as submitted: secret names (never values), file bytes (base64),
         durations in seconds. :meth:`from_snapshot` rebuilds the same Job from it."""
         data = self.model_dump(mode="json", exclude_none=True, exclude={"files"})
+        if self.schedule is None:
+            # An unscheduled job carries no schedule keys (their defaults would not load back).
+            for key in SCHEDULE_KEYS:
+                data.pop(key, None)
         data["files"] = [f.snapshot() for f in self.files]
         data["format"] = SNAPSHOT_FORMAT
         data["source_path"] = str(self.source_path) if self.source_path else None
@@ -398,7 +424,7 @@ ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
 def _whole_job_problems(
     data: Mapping[str, Any], environ: Mapping[str, str] | None, file: str | None
 ) -> list[Problem]:
-    problems: list[Problem] = []
+    problems: list[Problem] = schedule_problems(data, file)
     if data.get("guest") is not None and data.get("size") is not None:
         problems.append(
             Problem(

@@ -344,14 +344,6 @@ def _unknown_key_problem(
 ) -> Problem:
     key = str(loc[-1])
     parent = _schema_path(loc[:-1])
-    if parent == "" and key == "schedule":
-        return Problem(
-            file,
-            "schedule",
-            value,
-            "scheduling jobs is not supported yet",
-            "remove the schedule key for now (schedules are planned for a later version)",
-        )
     allowed = list(allowed_keys.get(parent, ()))
     where = f" in [{parent}]" if parent else ""
     message = f"unknown key{where}"

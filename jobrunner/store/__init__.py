@@ -25,8 +25,16 @@ from jobrunner.store.errors import (
     StoreIntegrityError,
 )
 from jobrunner.store.ledger import Ledger, SqlLedger
-from jobrunner.store.records import Attempt, LogLine, LogLineIn, Run, Transition
-from jobrunner.store.store import MIN_PREFIX_LENGTH, RunRequest, Store
+from jobrunner.store.records import (
+    Attempt,
+    Fire,
+    LogLine,
+    LogLineIn,
+    Run,
+    ScheduleState,
+    Transition,
+)
+from jobrunner.store.store import MIN_PREFIX_LENGTH, FireDecision, RunRequest, Store
 
 __all__ = [
     "ACTIVE_STATES",
@@ -36,6 +44,8 @@ __all__ = [
     "AmbiguousRunId",
     "Attempt",
     "AttemptNotFound",
+    "Fire",
+    "FireDecision",
     "InvalidRunId",
     "Ledger",
     "LogLine",
@@ -44,6 +54,7 @@ __all__ = [
     "Run",
     "RunNotFound",
     "RunRequest",
+    "ScheduleState",
     "SqlLedger",
     "Store",
     "StoreBusy",

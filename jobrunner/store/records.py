@@ -10,7 +10,7 @@ from typing import Any, Self
 from jobrunner.states import TERMINAL_STATES
 from jobrunner.store.ids import SHORT_ID_LENGTH
 
-__all__ = ["Attempt", "LogLine", "LogLineIn", "Run", "Transition"]
+__all__ = ["Attempt", "Fire", "LogLine", "LogLineIn", "Run", "ScheduleState", "Transition"]
 
 
 class _FromRow:
@@ -131,3 +131,28 @@ class LogLineIn:
             return self.entry_id[:128]
         digest = hashlib.sha256(f"{self.ts.isoformat()}\0{self.stream}\0{self.message}".encode())
         return "h:" + digest.hexdigest()[:40]
+
+
+@dataclass(frozen=True)
+class ScheduleState(_FromRow):
+    """A cron schedule's state in the ledger: ticks up to ``decided_until`` are decided."""
+
+    name: str
+    decided_until: datetime
+    paused: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Fire(_FromRow):
+    """One decision about one tick of a schedule."""
+
+    id: int
+    schedule: str
+    scheduled_for: datetime
+    decision: str  # "fired" or "skipped"
+    reason: str | None
+    trigger: str  # "cron" (a tick), "catch_up" (a missed tick fired late), "manual"
+    run_id: str | None
+    decided_at: datetime

@@ -37,17 +37,33 @@ from jobrunner.store.errors import (
 )
 from jobrunner.store.ids import ALPHABET, ID_LENGTH, new_run_id, normalise_prefix
 from jobrunner.store.migrate import upgrade
-from jobrunner.store.records import Attempt, LogLine, LogLineIn, Run, Transition
+from jobrunner.store.records import (
+    Attempt,
+    Fire,
+    LogLine,
+    LogLineIn,
+    Run,
+    ScheduleState,
+    Transition,
+)
 from jobrunner.store.tables import (
     METADATA,
     AttemptRow,
     LogLineRow,
     RateBucketRow,
     RunRow,
+    ScheduleFireRow,
+    ScheduleRow,
     TransitionRow,
 )
 
-__all__ = ["DEFAULT_IDEMPOTENCY_WINDOW", "MIN_PREFIX_LENGTH", "RunRequest", "Store"]
+__all__ = [
+    "DEFAULT_IDEMPOTENCY_WINDOW",
+    "MIN_PREFIX_LENGTH",
+    "FireDecision",
+    "RunRequest",
+    "Store",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +80,10 @@ attempts = METADATA.tables[AttemptRow.__tablename__]
 transitions_table = METADATA.tables[TransitionRow.__tablename__]
 log_lines = METADATA.tables[LogLineRow.__tablename__]
 rate_buckets = METADATA.tables[RateBucketRow.__tablename__]
+schedules_table = METADATA.tables[ScheduleRow.__tablename__]
+fires = METADATA.tables[ScheduleFireRow.__tablename__]
+# Rows per statement when many fires are decided at once (10,000 schedules due at one minute).
+FIRE_BATCH = 500
 
 # Columns callers may set through transition_run / update_attempt.
 RUN_FIELDS = frozenset(
@@ -155,6 +175,20 @@ class RunRequest:
     priority: int = 0
     run_at: datetime | None = None
     idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class FireDecision:
+    """What a scheduler decided about one tick: fire it (with the run to queue) or skip it."""
+
+    schedule: str
+    scheduled_for: datetime
+    decision: str  # "fired" | "skipped"
+    reason: str | None = None
+    trigger: str = "cron"
+    run: RunRequest | None = None
+    # concurrency = "replace": cancel the schedule's unfinished runs as this one is queued.
+    replace_running: bool = False
 
 
 class Store:
@@ -1122,6 +1156,192 @@ class Store:
                     entry["dead"] += row.n
         return sorted(stats.values(), key=lambda e: str(e["queue"]))
 
+    # ----- schedules -----
+
+    def schedule_states(self, names: Collection[str] | None = None) -> dict[str, ScheduleState]:
+        """The ledger's state of the named schedules (all when None) that it knows."""
+        query = schedules_table.select()
+        if names is not None:
+            query = query.where(schedules_table.c.name.in_(list(names)))
+        with self._read() as db:
+            return {row.name: ScheduleState.from_row(row) for row in db.execute(query)}
+
+    def ensure_schedules(self, names: Collection[str], *, since: datetime) -> None:
+        """Start tracking schedules seen for the first time: their ticks after ``since`` are
+        decided from now on (nothing before a schedule existed is caught up)."""
+        _check_aware({"since": since})
+        if not names:
+            return
+        now = self._clock.now()
+        rows = [
+            {
+                "name": n,
+                "decided_until": since,
+                "paused": False,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for n in names
+        ]
+        with self._write() as db:
+            dialect_insert = postgresql.insert if db.dialect.name == "postgresql" else sqlite.insert
+            db.execute(dialect_insert(schedules_table).on_conflict_do_nothing(), rows)
+
+    def set_schedule_paused(self, name: str, paused: bool) -> None:
+        """Pause or resume a schedule (kept in the ledger, so every scheduler sees it)."""
+        now = self._clock.now()
+        with self._write() as db:
+            dialect_insert = postgresql.insert if db.dialect.name == "postgresql" else sqlite.insert
+            statement = dialect_insert(schedules_table).values(
+                name=name, decided_until=now, paused=paused, created_at=now, updated_at=now
+            )
+            db.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["name"], set_={"paused": paused, "updated_at": now}
+                )
+            )
+
+    def record_fires(
+        self, decisions: Sequence[FireDecision], *, decided_until: Mapping[str, datetime]
+    ) -> list[Fire]:
+        """Record tick decisions and queue the runs of the fired ones, in one transaction per
+        batch; then move each schedule's ``decided_until`` forward (never back).
+
+        A decision whose (schedule, scheduled_for) is already recorded (another scheduler got
+        there first) is dropped with its run: only the returned fires were recorded here.
+        """
+        recorded: list[Fire] = []
+        for start in range(0, max(len(decisions), 1), FIRE_BATCH):
+            batch = decisions[start : start + FIRE_BATCH]
+            last = start + FIRE_BATCH >= len(decisions)
+            with self._write() as db:
+                recorded += self._record_fire_batch(db, batch)
+                if last:
+                    self._advance_schedules(db, decided_until)
+                if db.dialect.name == "postgresql" and any(f.run_id for f in recorded):
+                    db.execute(sa.select(sa.func.pg_notify(WAKEUP_CHANNEL, "")))
+        return recorded
+
+    def _record_fire_batch(self, db: sa.Connection, batch: Sequence[FireDecision]) -> list[Fire]:
+        if not batch:
+            return []
+        now = self._clock.now()
+        dialect_insert = postgresql.insert if db.dialect.name == "postgresql" else sqlite.insert
+        rows: list[dict[str, Any]] = [
+            {
+                "schedule": d.schedule,
+                "scheduled_for": d.scheduled_for,
+                "decision": d.decision,
+                "reason": d.reason,
+                "trigger": d.trigger,
+                "run_id": None,
+                "decided_at": now,
+            }
+            for d in batch
+        ]
+        inserted = db.execute(
+            dialect_insert(fires)
+            .on_conflict_do_nothing(index_elements=["schedule", "scheduled_for"])
+            .returning(fires.c.id, fires.c.schedule, fires.c.scheduled_for),
+            rows,
+        ).all()
+        ids = {(r.schedule, r.scheduled_for.astimezone(UTC)): r.id for r in inserted}
+        recorded: list[Fire] = []
+        for decision, row in zip(batch, rows, strict=True):
+            fire_id = ids.get((decision.schedule, decision.scheduled_for.astimezone(UTC)))
+            if fire_id is None:
+                continue  # decided by another scheduler
+            run_id = None
+            if decision.decision == "fired" and decision.run is not None:
+                if decision.replace_running:
+                    self._cancel_schedule_runs(db, decision.schedule, now)
+                run_id = self._insert_run(db, decision.run).id
+                db.execute(fires.update().where(fires.c.id == fire_id).values(run_id=run_id))
+            recorded.append(Fire(id=int(fire_id), **{**row, "run_id": run_id}))
+        return recorded
+
+    def _cancel_schedule_runs(self, db: sa.Connection, schedule: str, now: datetime) -> None:
+        running = sa.select(fires.c.run_id).where(
+            fires.c.schedule == schedule, fires.c.run_id.is_not(None)
+        )
+        db.execute(
+            runs.update()
+            .where(runs.c.id.in_(running), runs.c.state.in_(ACTIVE_STATES))
+            .values(cancel_requested=True, updated_at=now)
+        )
+
+    def _advance_schedules(self, db: sa.Connection, decided_until: Mapping[str, datetime]) -> None:
+        for name, until in decided_until.items():
+            db.execute(
+                schedules_table.update()
+                .where(schedules_table.c.name == name, schedules_table.c.decided_until < until)
+                .values(decided_until=until, updated_at=self._clock.now())
+            )
+
+    def running_schedules(self, names: Collection[str]) -> set[str]:
+        """Which of these schedules have an unfinished run (for the overlap rules)."""
+        if not names:
+            return set()
+        found: set[str] = set()
+        wanted = list(names)
+        with self._read() as db:
+            for start in range(0, len(wanted), FIRE_BATCH):
+                query = (
+                    sa.select(fires.c.schedule)
+                    .distinct()
+                    .join(runs, runs.c.id == fires.c.run_id)
+                    .where(
+                        fires.c.schedule.in_(wanted[start : start + FIRE_BATCH]),
+                        runs.c.state.in_(ACTIVE_STATES),
+                    )
+                )
+                found.update(row.schedule for row in db.execute(query))
+        return found
+
+    def list_fires(
+        self, schedule: str | None = None, *, limit: int = 50, before_id: int | None = None
+    ) -> list[Fire]:
+        """Fire decisions, newest first (of one schedule, or all)."""
+        query = fires.select()
+        if schedule is not None:
+            query = query.where(fires.c.schedule == schedule)
+        if before_id is not None:
+            query = query.where(fires.c.id < before_id)
+        query = query.order_by(fires.c.id.desc()).limit(limit)
+        with self._read() as db:
+            return [Fire.from_row(row) for row in db.execute(query)]
+
+    def last_fires(self, names: Collection[str]) -> dict[str, Fire]:
+        """Each schedule's newest fire decision."""
+        newest = (
+            sa.select(sa.func.max(fires.c.id)).where(fires.c.schedule.in_(list(names)))
+        ).group_by(fires.c.schedule)
+        with self._read() as db:
+            rows = db.execute(fires.select().where(fires.c.id.in_(newest)))
+            return {row.schedule: Fire.from_row(row) for row in rows}
+
+    def prune_schedule_runs(self, schedule: str, *, keep: int) -> int:
+        """Delete the finished runs of ``schedule`` beyond its newest ``keep`` (with their
+        attempts, transitions and logs); the fire rows stay, without their run. Returns how
+        many runs were deleted."""
+        with self._write() as db:
+            finished = (
+                sa.select(runs.c.id)
+                .join(fires, fires.c.run_id == runs.c.id)
+                .where(fires.c.schedule == schedule, runs.c.state.in_(TERMINAL_STATES))
+                .order_by(runs.c.created_at.desc(), runs.c.id.desc())
+                .offset(keep)
+            )
+            doomed = [row.id for row in db.execute(finished)]
+            for start in range(0, len(doomed), FIRE_BATCH):
+                chunk = doomed[start : start + FIRE_BATCH]
+                # Not every database enforces ON DELETE for us: clear the references first.
+                db.execute(fires.update().where(fires.c.run_id.in_(chunk)).values(run_id=None))
+                for table in (log_lines, transitions_table, attempts):
+                    db.execute(table.delete().where(table.c.run_id.in_(chunk)))
+                db.execute(runs.delete().where(runs.c.id.in_(chunk)))
+        return len(doomed)
+
     # ----- rate limits -----
 
     def take_rate_token(self, key: str, rate: float, burst: int) -> float:
@@ -1211,3 +1431,116 @@ class Store:
             query = query.limit(limit)
         with self._read() as db:
             return [LogLine.from_row(row) for row in db.execute(query)]
+
+    # ----- native schedules -----
+    # Added for jobrunner.native (runs of native Fly schedules, imported from machine events).
+
+    def existing_submit_ids(self, submit_ids: Collection[str]) -> set[str]:
+        """Which of ``submit_ids`` some attempt already carries."""
+        wanted = sorted(set(submit_ids))
+        found: set[str] = set()
+        with self._read() as db:
+            for start in range(0, len(wanted), FIRE_BATCH):
+                chunk = wanted[start : start + FIRE_BATCH]
+                query = sa.select(attempts.c.submit_id).where(attempts.c.submit_id.in_(chunk))
+                found.update(row.submit_id for row in db.execute(query))
+        return found
+
+    def import_finished_run(
+        self,
+        request: RunRequest,
+        *,
+        outcome: str,
+        exit_code: int | None,
+        reason: str | None,
+        started_at: datetime,
+        finished_at: datetime,
+        attempt_fields: Sequence[Mapping[str, Any]],
+        logs: Mapping[int, Iterable[LogLineIn]] | None = None,
+        started_reason: str = "started outside jobrunner",
+    ) -> Run | None:
+        """Record a run that already happened outside jobrunner (a native schedule's machine
+        started and exited): the run in its terminal ``outcome``, its attempts (each mapping holds
+        ``submit_id`` and attempt fields, numbered from 1), its transitions at the times they
+        happened, and its log lines by attempt number, all in one transaction.
+
+        Returns None, writing nothing, when one of the submit ids is already recorded, so the
+        same history imported twice (even by two processes at once) is recorded once."""
+        if outcome not in TERMINAL_STATES:
+            raise ValueError(f"outcome must be one of {sorted(TERMINAL_STATES)}, not {outcome!r}")
+        if not attempt_fields:
+            raise ValueError("an imported run needs at least one attempt")
+        _check_aware({"started_at": started_at, "finished_at": finished_at})
+        submit_ids = [str(fields["submit_id"]) for fields in attempt_fields]
+        extras = [{k: v for k, v in f.items() if k != "submit_id"} for f in attempt_fields]
+        for extra in extras:
+            _check_fields(extra, ATTEMPT_FIELDS, "an attempt")
+            _check_aware(extra)
+        try:
+            with self._write() as db:
+                taken = sa.select(attempts.c.id).where(attempts.c.submit_id.in_(submit_ids))
+                if db.execute(taken.limit(1)).first() is not None:
+                    return None
+                run = self._insert_run(db, request)
+                db.execute(
+                    transitions_table.update()
+                    .where(transitions_table.c.run_id == run.id)
+                    .values(at=started_at, reason=started_reason)
+                )
+                numbered = enumerate(zip(submit_ids, extras, strict=True), start=1)
+                for number, (submit_id, extra) in numbered:
+                    self._insert_attempt(db, run.id, number, submit_id, extra.get("region"))
+                    db.execute(
+                        attempts.update()
+                        .where(attempts.c.run_id == run.id, attempts.c.number == number)
+                        .values(created_at=extra.get("started_at") or started_at, **extra)
+                    )
+                self._record(db, run.id, "pending", "running", started_reason, 1, started_at)
+                last = len(submit_ids)
+                self._record(db, run.id, "running", outcome, reason, last, finished_at)
+                db.execute(
+                    runs.update()
+                    .where(runs.c.id == run.id)
+                    .values(
+                        state=outcome,
+                        exit_code=exit_code,
+                        reason=reason,
+                        created_at=started_at,
+                        started_at=started_at,
+                        finished_at=finished_at,
+                        updated_at=self._clock.now(),
+                    )
+                )
+                for number, lines in (logs or {}).items():
+                    rows = _imported_log_rows(run.id, number, lines)
+                    if rows:
+                        self._insert_new_logs(db, rows)
+                row = db.execute(runs.select().where(runs.c.id == run.id)).one()
+        except StoreIntegrityError:
+            if self.existing_submit_ids(submit_ids):
+                return None  # another importer recorded it first
+            raise
+        return Run.from_row(row)
+
+
+def _imported_log_rows(
+    run_id: str, number: int, lines: Iterable[LogLineIn]
+) -> list[dict[str, Any]]:
+    """Log rows as ``Store.add_logs`` makes them (one per entry id)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        if line.ts.tzinfo is None:
+            raise ValueError(f"log line timestamp must be timezone-aware, got {line.ts!r}")
+        key = line.key()
+        rows.setdefault(
+            key,
+            {
+                "run_id": run_id,
+                "attempt_number": number,
+                "entry_id": key,
+                "ts": line.ts,
+                "stream": line.stream[:16],
+                "message": line.message,
+            },
+        )
+    return list(rows.values())

@@ -21,6 +21,8 @@ __all__ = [
     "LogLineRow",
     "RateBucketRow",
     "RunRow",
+    "ScheduleFireRow",
+    "ScheduleRow",
     "StoreModel",
     "TransitionRow",
     "UTCDateTime",
@@ -205,3 +207,43 @@ class RateBucketRow(StoreModel, table=True):
     key: str = Field(sa_column=sa.Column(sa.String(200), primary_key=True))
     tokens: float = Field(sa_column=sa.Column(sa.Float(), nullable=False))
     updated_at: datetime = _ts(nullable=False)
+
+
+class ScheduleRow(StoreModel, table=True):
+    """What the ledger knows of a cron schedule beyond its job file: until when its ticks have
+    been decided (so downtime is noticed and caught up), and whether a user paused it."""
+
+    __tablename__ = "schedules"
+
+    name: str = Field(sa_column=sa.Column(sa.String(100), primary_key=True))
+    decided_until: datetime = _ts(nullable=False)
+    paused: bool = Field(default=False, sa_column=sa.Column(sa.Boolean(), nullable=False))
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)
+
+
+class ScheduleFireRow(StoreModel, table=True):
+    """One decision about one tick of a schedule: fired (with its run) or skipped (with why).
+
+    Unique on (schedule, scheduled_for): whichever scheduler inserts the row decides the tick,
+    so several schedulers sharing the ledger fire each tick exactly once."""
+
+    __tablename__ = "schedule_fires"
+    __table_args__ = (
+        sa.UniqueConstraint("schedule", "scheduled_for"),
+        sa.Index("ix_schedule_fires_schedule_id", "schedule", "id"),
+    )
+
+    id: int | None = Field(default=None, sa_column=sa.Column(_id_type(), primary_key=True))
+    schedule: str = Field(sa_column=sa.Column(sa.String(100), nullable=False))
+    scheduled_for: datetime = _ts(nullable=False)
+    decision: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
+    reason: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
+    trigger: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
+    run_id: str | None = Field(
+        default=None,
+        sa_column=sa.Column(
+            sa.String(26), sa.ForeignKey("runs.id", ondelete="SET NULL"), nullable=True
+        ),
+    )
+    decided_at: datetime = _ts(nullable=False)

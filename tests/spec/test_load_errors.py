@@ -194,10 +194,10 @@ def test_no_command_explains_why_one_is_needed(tmp_path: Path) -> None:
     assert str(problem).startswith(f"{tmp_path / 'job.toml'}: cmd: no command")
 
 
-def test_schedule_is_not_supported_yet(tmp_path: Path) -> None:
-    problem = _only(_write(tmp_path, GOOD + '\nschedule = "0 3 * * *"\n'))
+def test_an_invalid_cron_expression_names_the_key(tmp_path: Path) -> None:
+    problem = _only(_write(tmp_path, GOOD + '\nschedule = "0 25 * * *"\n'))
     assert problem.key == "schedule"
-    assert "not supported yet" in problem.message
+    assert "hour" in problem.message and "*/15" in problem.fix
 
 
 def test_missing_image_and_every_other_problem_together(tmp_path: Path) -> None:
