@@ -439,6 +439,8 @@ class Runner:
             for m in machines
             if m.id not in live
             and m.metadata_value("jobrunner_run_id") not in live_runs
+            # A native schedule's machine is persistent by design (`schedules sync` owns it).
+            and m.metadata_value("jobrunner_schedule") is None
             and m.state not in {"destroyed", "destroying", "replaced"}
         ]
 

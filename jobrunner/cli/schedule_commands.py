@@ -18,7 +18,7 @@ from jobrunner.cli.common import CliContext, common_options, err, out, print_jso
 from jobrunner.cli.jobs_commands import JOBS_DIR
 from jobrunner.config import Settings
 from jobrunner.session import open_store
-from jobrunner.spec import Job, JobSpecError, discover_jobs
+from jobrunner.spec import Job, discover_jobs
 from jobrunner.store import Fire, Store
 
 NEXT_SHOWN = 3
@@ -329,26 +329,27 @@ def sync_command(dry_run: bool, jobs_dir: Path, ctx: CliContext) -> None:
     """Make one persistent machine per native schedule (`native = true`) match the job files:
     create, update (under a lease) or destroy; then record their runs in the ledger."""
     settings = ctx.settings()
-    jobs = [job for _path, job in _scheduled_jobs(jobs_dir).values() if job.native]
+    # Every loaded job, not only native ones: a job that stopped being native loses its machine.
+    jobs = [loaded for _path, loaded in discover_jobs(jobs_dir) if isinstance(loaded, Job)]
     sys.exit(anyio.run(_sync, settings, jobs, dry_run, ctx.json))
 
 
 async def _sync(settings: Settings, jobs: list[Job], dry_run: bool, as_json: bool) -> int:
+    import os
+
     from jobrunner import native
     from jobrunner.session import open_client
 
     store = await anyio.to_thread.run_sync(open_store, settings)
     client = await open_client(settings, store)
     try:
-        actions = await native.plan_sync(client, jobs, app=settings.app, environ=None)
-        results = [] if dry_run else await native.apply_sync(client, actions, app=settings.app)
+        actions = await native.plan_sync(client, jobs, app=settings.app, environ=os.environ)
+        results = [] if dry_run else await native.apply_sync(client, actions)
         imported = None
         if not dry_run:
             imported = await native.import_runs(
-                client, store, app=settings.app, backend=settings.backend
+                client, store, app=settings.app, backend=settings.backend, jobs=jobs
             )
-    except JobSpecError:
-        raise
     finally:
         await client.aclose()
         store.close()
@@ -358,4 +359,4 @@ async def _sync(settings: Settings, jobs: list[Job], dry_run: bool, as_json: boo
     else:
         for line in native.sync_lines(report):
             out.print(escape(line))
-    return exitcodes.OK
+    return exitcodes.OK if report.get("ok", True) else exitcodes.BACKEND_ERROR

@@ -94,14 +94,22 @@ def schedule_problems(data: Mapping[str, Any], file: str | None) -> list[Problem
                     "`jobrunner scheduler`)",
                 )
             )
-        for key in ("timezone", "concurrency", "starting_deadline", "catch_up", "jitter"):
+        for key in (
+            "timezone",
+            "concurrency",
+            "starting_deadline",
+            "catch_up",
+            "jitter",
+            "timeout",
+        ):
             if key in data:
                 problems.append(
                     Problem(
                         file,
                         key,
                         data[key],
-                        "does not apply to a native schedule (Fly starts the machine itself)",
+                        "does not apply to a native schedule (Fly starts and watches the machine "
+                        "itself; nothing would enforce it)",
                         f"remove {key}, or set native = false",
                     )
                 )

@@ -124,3 +124,23 @@ def test_a_worker_runs_a_schedule_and_history_shows_every_fire(cli: Cli, tmp_pat
     logs = cli("logs", str(finished[0]["id"]))
     assert logs.stdout.strip() == "tick"
     json.dumps(history)  # plain JSON all the way down
+
+
+def test_sync_makes_one_machine_per_native_schedule_and_a_second_sync_does_nothing(
+    cli: Cli, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "native-jobs"
+    write_job(jobs, "nightly", TICK + 'schedule = "daily"\nnative = true\n')
+    planned = cli.json("schedules", "sync", "--dry-run", "--jobs-dir", str(jobs))
+    kinds = [(a["job"], a["kind"]) for a in planned["actions"]]
+    assert kinds == [("nightly", "create")], planned
+    done = cli.json("schedules", "sync", "--jobs-dir", str(jobs))
+    assert [(a["job"], a["kind"]) for a in done["actions"]] == [("nightly", "create")], done
+    again = cli.json("schedules", "sync", "--jobs-dir", str(jobs))
+    assert {a["kind"] for a in again["actions"]} == {"unchanged"}, again
+    # gc never takes a schedule's persistent machine for an orphan.
+    orphans = cli.json("gc", "--dry-run")
+    assert orphans["orphans"] == [], orphans
+    (jobs / "nightly.toml").unlink()
+    gone = cli.json("schedules", "sync", "--jobs-dir", str(jobs))
+    assert [(a["job"], a["kind"]) for a in gone["actions"]] == [("nightly", "destroy")], gone
