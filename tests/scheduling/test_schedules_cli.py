@@ -15,8 +15,6 @@ import pytest
 
 from tests.cli.conftest import REPO, Cli
 
-pytest_plugins = ["tests.cli.conftest"]
-
 TICK = 'image = "alpine"\ncmd = ["sh", "-c", "echo tick"]\n'
 
 
