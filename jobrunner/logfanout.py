@@ -180,9 +180,13 @@ class LogFanout:
         poll_interval: float,
         drain_grace: float,
         clock: Clock | None = None,
+        on_copied: Callable[[str, int], Awaitable[None]] | None = None,
     ) -> None:
         self._client = client
         self._add_logs = add_logs
+        # Told (run id, attempt) once a machine's lines are all stored after its drain, so the
+        # ledger can say so; not told when the logs could not be had (someone copies them later).
+        self._on_copied = on_copied
         self._on_event = on_event
         self._poll = poll_interval
         self._grace = drain_grace
@@ -206,6 +210,10 @@ class LogFanout:
     def busy(self) -> bool:
         """Whether any machine is followed (running, or draining after its exit)."""
         return bool(self._followers)
+
+    def following(self, machine_id: str) -> bool:
+        """Whether this fan-out copies ``machine_id``'s lines now (or drains them)."""
+        return machine_id in self._followers
 
     def follow(
         self,
@@ -311,7 +319,8 @@ class LogFanout:
             if self._clock.monotonic() >= stream.next_fetch:
                 await self._round(stream)
             await self._flush(stream)
-            self._end_drains(stream)
+            for follower in self._end_drains(stream):
+                await self._copied(follower)
             if not stream.followers:
                 # No await since the check: a follow() cannot slip in between.
                 stream.running = False
@@ -467,14 +476,36 @@ class LogFanout:
                 del follower.backlog[: max(0, len(follower.backlog) - BACKLOG_LINES)]
                 stream.dirty.add(machine_id)
 
-    def _end_drains(self, stream: _Stream) -> None:
+    def _end_drains(self, stream: _Stream) -> list[_Follower]:
+        """Drop the followers whose drain is over; those whose lines are all stored."""
         now = self._clock.monotonic()
+        copied: list[_Follower] = []
         for follower in list(stream.followers.values()):
             if follower.exited_at is None or follower.catching_up:
                 continue
             deadline = follower.exited_at + self._grace
             if now >= deadline and self._drain_complete(stream, follower, deadline, now):
+                if not follower.backlog and self._read_to_the_end(stream, follower, deadline):
+                    copied.append(follower)
                 self._drop(stream, follower)
+        return copied
+
+    @staticmethod
+    def _read_to_the_end(stream: _Stream, follower: _Follower, deadline: float) -> bool:
+        if stream.caught_up_at is not None and stream.caught_up_at >= deadline:
+            return True
+        position, wall_deadline = stream.position_ns(), follower.exit_deadline_ns
+        return position is not None and wall_deadline is not None and position >= wall_deadline
+
+    async def _copied(self, follower: _Follower) -> None:
+        if self._on_copied is None:
+            return
+        try:
+            await self._on_copied(follower.run_id, follower.attempt)
+        except Exception as exc:  # the ledger is down: someone copies them again later
+            logger.warning(
+                "could not record that run %s's logs are copied: %s", follower.run_id, exc
+            )
 
     def _drain_complete(
         self, stream: _Stream, follower: _Follower, deadline: float, now: float

@@ -85,6 +85,9 @@ FIRST_WAIT = 1.0
 LONG_WAIT = 60.0
 # How long closing a runner waits, beyond the drain grace, for log lines still being copied.
 CLOSE_DRAIN_MARGIN = 5.0
+# Log lines of attempts that finished this long ago are no longer kept by the logs API (Fly keeps
+# about 7 days), so a lost drain older than this is not retried.
+LOGS_KEPT = timedelta(days=7)
 # Drives at once in ``reconcile``; orphans are claimed in batches of this many.
 RECONCILE_CONCURRENCY = 8
 RECONCILE_BATCH = 64
@@ -118,6 +121,7 @@ class ReconcileReport:
 
     runs: list[Run] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # run id -> why it could not finish
+    logs_recovered: int = 0  # finished attempts whose last log lines were copied here
 
 
 def machine_metadata(run: Run, attempt: Attempt, job: Job) -> dict[str, str]:
@@ -175,8 +179,11 @@ class Runner:
             poll_interval=log_poll_interval,
             drain_grace=log_drain_grace,
             clock=clock,
+            on_copied=self._logs_copied,
         )
         self._service: asyncio.Task[None] | None = None
+        # Runs ended here because their recorded job could not be read (reconcile reports them).
+        self._unrunnable: dict[str, str] = {}
         self._service_idle = anyio.Event()
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -338,6 +345,45 @@ class Runner:
             final = await self.ledger.get_run(run.id)  # claim released since: read it afresh
         return final
 
+    async def _logs_copied(self, run_id: str, attempt: int) -> None:
+        await self.ledger.update_attempt(run_id, attempt, logs_copied_at=self.clock.now())
+
+    async def recover_logs(self, *, limit: int = 32) -> int:
+        """Copy the last log lines of finished attempts whose driver died between recording
+        the outcome and the end of its log drain (the outcome comes first, so a SIGKILL there
+        would otherwise lose them). Returns how many attempts it copied for."""
+        now = self.clock.now()
+        missing = await self.ledger.attempts_missing_logs(
+            backend=self.backend,
+            finished_before=now - timedelta(seconds=self._log_grace + 1.0),
+            since=now - LOGS_KEPT,
+            limit=limit,
+        )
+        followed: list[str] = []
+        for attempt in missing:
+            if attempt.machine_id is None or self.logs.following(attempt.machine_id):
+                continue
+            run = await self.ledger.get_run(attempt.run_id)
+            try:
+                masker = self._masker(Job.from_snapshot(run.job_snapshot))
+            except JobSpecError:
+                masker = SecretMasker(())
+            self.logs.follow(
+                app=self._app_of(run),
+                machine_id=attempt.machine_id,
+                run_id=run.id,
+                attempt=attempt.number,
+                since=attempt.created_at,
+                masker=masker,
+            )
+            self.logs.machine_exited(attempt.machine_id)
+            followed.append(attempt.machine_id)
+        if followed:
+            self._ensure_service()
+            for machine_id in followed:
+                await self.logs.drained(machine_id)
+        return len(followed)
+
     async def logs_settled(self, run_id: str) -> None:
         """Return once the log lines of the machines this runner followed for ``run_id`` are
         all copied (the drain after each exit has ended)."""
@@ -392,6 +438,8 @@ class Runner:
             async with limiter:
                 try:
                     report.runs.append(await self.drive(run.id))
+                    if run.id in self._unrunnable:
+                        report.errors[run.id] = self._unrunnable.pop(run.id)
                 except RunBusy:
                     logger.info("run %s was claimed by another process meanwhile", run.id)
                 except Exception as exc:  # isolate: one bad run must not hold up the others
@@ -416,6 +464,10 @@ class Runner:
             async with anyio.create_task_group() as tg:
                 for run in fresh:
                     tg.start_soon(one, run)
+        try:
+            report.logs_recovered = await self.recover_logs(limit=batch)
+        except JobrunnerError as exc:
+            logger.warning("could not copy the logs of finished runs now: %s", exc)
         report.runs.sort(key=lambda r: r.created_at)
         return report
 
@@ -472,7 +524,18 @@ class Runner:
                 run = await self.ledger.get_run(drive.run_id)
             if run.state in TERMINAL or drive.lost_claim or self._not_due(run):
                 return None
-            job = Job.from_snapshot(run.job_snapshot)
+            try:
+                job = Job.from_snapshot(run.job_snapshot)
+            except JobSpecError as exc:
+                # A recorded job that can never become a machine (a ledger written by another
+                # version, or text no API can carry): trying again would fail the same way, so
+                # it ends now with its own reason instead of holding up every reconcile.
+                reason = f"the recorded job cannot be run: {exc}"
+                await self._finish(run, "create_failed", reason=reason)
+                self._unrunnable[run.id] = reason
+                self._emit("notice", run.id, f"run {run.id} ended create_failed: {reason}")
+                run = None
+                continue
             attempt, fresh = await self._next_attempt(drive, run, job)
             if attempt is None:
                 run = None

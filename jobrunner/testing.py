@@ -435,6 +435,7 @@ class MemoryLedger:
             created_at=now,
             started_at=None,
             finished_at=None,
+            logs_copied_at=None,
         )
         self._attempts[run_id][number] = attempt
         self._submit_ids.add(submit_id)
@@ -477,6 +478,22 @@ class MemoryLedger:
             for attempt in self._attempts[run_id].values()
             if attempt.machine_id is not None
         }
+
+    async def attempts_missing_logs(
+        self, *, backend: str, finished_before: datetime, since: datetime, limit: int
+    ) -> list[Attempt]:
+        await anyio.lowlevel.checkpoint()
+        found = [
+            attempt
+            for run_id, run in self._runs.items()
+            if run.backend == backend
+            for attempt in self._attempts[run_id].values()
+            if attempt.machine_id is not None
+            and attempt.logs_copied_at is None
+            and attempt.finished_at is not None
+            and since <= attempt.finished_at < finished_before
+        ]
+        return sorted(found, key=lambda a: a.finished_at or since)[:limit]
 
     # ----- claims -----
 

@@ -107,6 +107,7 @@ class Worker:
                 if self._wakeup is not None:
                     side.start_soon(self._listen)
                 side.start_soon(self._adopt_orphans, drives)
+                side.start_soon(self._recover_logs)
                 await self._claim_loop(drives)
                 side.cancel_scope.cancel()
             with anyio.move_on_after(self.grace):
@@ -179,6 +180,16 @@ class Worker:
         while True:
             if await self._wakeup.wait(3600.0):
                 self._kick.set()
+
+    async def _recover_logs(self) -> None:
+        """Every ``orphan_interval``: copy the last log lines a dead driver left uncopied."""
+        while not self._stopping.is_set():
+            try:
+                await self.runner.recover_logs()
+            except Exception as exc:
+                logger.warning("copying the logs of finished runs failed (retrying): %s", exc)
+            with anyio.move_on_after(self._orphan_every):
+                await self._stopping.wait()
 
     async def _adopt_orphans(self, drives: anyio.abc.TaskGroup) -> None:
         """Every ``orphan_interval``: adopt runs whose driver died or whose claim expired."""

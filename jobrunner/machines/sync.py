@@ -29,6 +29,7 @@ from jobrunner.machines.models import (
     MachineEvent,
     WaitState,
 )
+from jobrunner.machines.ratelimit import Limiter
 from jobrunner.machines.retry import RetryPolicy
 from jobrunner.machines.wait import DEFAULT_NOT_FOUND_GRACE
 
@@ -73,6 +74,7 @@ class MachinesClient:
         timeout: float = 30.0,
         user_agent: str | None = None,
         clock: Clock | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self._portal = Portal()
         try:
@@ -89,6 +91,7 @@ class MachinesClient:
                 timeout=timeout,
                 user_agent=user_agent,
                 clock=clock,
+                limiter=limiter,
             )
         except BaseException:
             self._portal.close()

@@ -154,6 +154,12 @@ class Ledger(Protocol):
 
     async def machine_ids_of_live_runs(self) -> set[str]: ...
 
+    async def attempts_missing_logs(
+        self, *, backend: str, finished_before: datetime, since: datetime, limit: int
+    ) -> list[Attempt]:
+        """Finished attempts whose last log lines may never have been copied."""
+        ...
+
     async def claim_run(self, run_id: str, owner: str, ttl_s: float) -> bool: ...
 
     async def takeover_claim(
@@ -286,6 +292,17 @@ class SqlLedger:
 
     async def machine_ids_of_live_runs(self) -> set[str]:
         return await self._call(self.store.machine_ids_of_live_runs)
+
+    async def attempts_missing_logs(
+        self, *, backend: str, finished_before: datetime, since: datetime, limit: int
+    ) -> list[Attempt]:
+        return await self._call(
+            self.store.attempts_missing_logs,
+            backend=backend,
+            finished_before=finished_before,
+            since=since,
+            limit=limit,
+        )
 
     async def claim_run(self, run_id: str, owner: str, ttl_s: float) -> bool:
         return await self._call(self.store.claim_run, run_id, owner, ttl_s)

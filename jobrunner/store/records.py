@@ -88,6 +88,7 @@ class Attempt(_FromRow):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    logs_copied_at: datetime | None = None
 
 
 @dataclass(frozen=True)

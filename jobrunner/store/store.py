@@ -103,6 +103,7 @@ ATTEMPT_FIELDS = frozenset(
         "reason",
         "started_at",
         "finished_at",
+        "logs_copied_at",
     }
 )
 
@@ -639,6 +640,7 @@ class Store:
             "created_at": now,
             "started_at": None,
             "finished_at": None,
+            "logs_copied_at": None,
         }
         self._require_run(db, run_id)
         result = db.execute(attempts.insert().values(values))
@@ -788,6 +790,30 @@ class Store:
         with self._read() as db:
             row = db.execute(query).first()
         return Attempt.from_row(row) if row is not None else None
+
+    def attempts_missing_logs(
+        self, *, backend: str, finished_before: datetime, since: datetime, limit: int
+    ) -> list[Attempt]:
+        """Finished attempts (between ``since`` and ``finished_before``) of ``backend`` whose
+        log lines were never known to be all copied: their driver died after recording the
+        outcome and before the drain ended. Oldest first."""
+        _check_aware({"finished_before": finished_before, "since": since})
+        query = (
+            attempts.select()
+            .join(runs, runs.c.id == attempts.c.run_id)
+            .where(
+                runs.c.backend == backend,
+                attempts.c.machine_id.is_not(None),
+                attempts.c.logs_copied_at.is_(None),
+                attempts.c.finished_at.is_not(None),
+                attempts.c.finished_at < finished_before,
+                attempts.c.finished_at >= since,
+            )
+            .order_by(attempts.c.finished_at)
+            .limit(limit)
+        )
+        with self._read() as db:
+            return [Attempt.from_row(row) for row in db.execute(query)]
 
     def machine_ids_of_live_runs(self) -> set[str]:
         """Machine ids of every attempt of every unfinished run (machines not to reap)."""
@@ -1160,11 +1186,19 @@ class Store:
 
     def schedule_states(self, names: Collection[str] | None = None) -> dict[str, ScheduleState]:
         """The ledger's state of the named schedules (all when None) that it knows."""
-        query = schedules_table.select()
-        if names is not None:
-            query = query.where(schedules_table.c.name.in_(list(names)))
+        if names is None:
+            chunks: list[list[str] | None] = [None]
+        else:
+            wanted = list(names)
+            chunks = [wanted[i : i + FIRE_BATCH] for i in range(0, len(wanted), FIRE_BATCH)]
+        found: dict[str, ScheduleState] = {}
         with self._read() as db:
-            return {row.name: ScheduleState.from_row(row) for row in db.execute(query)}
+            for chunk in chunks:  # bounded IN lists: SQLite allows 32,766 parameters at most
+                query = schedules_table.select()
+                if chunk is not None:
+                    query = query.where(schedules_table.c.name.in_(chunk))
+                found.update((row.name, ScheduleState.from_row(row)) for row in db.execute(query))
+        return found
 
     def ensure_schedules(self, names: Collection[str], *, since: datetime) -> None:
         """Start tracking schedules seen for the first time: their ticks after ``since`` are
@@ -1246,19 +1280,112 @@ class Store:
             rows,
         ).all()
         ids = {(r.schedule, r.scheduled_for.astimezone(UTC)): r.id for r in inserted}
-        recorded: list[Fire] = []
+        ours: list[tuple[int, FireDecision, dict[str, Any]]] = []
         for decision, row in zip(batch, rows, strict=True):
             fire_id = ids.get((decision.schedule, decision.scheduled_for.astimezone(UTC)))
-            if fire_id is None:
-                continue  # decided by another scheduler
-            run_id = None
-            if decision.decision == "fired" and decision.run is not None:
-                if decision.replace_running:
-                    self._cancel_schedule_runs(db, decision.schedule, now)
-                run_id = self._insert_run(db, decision.run).id
-                db.execute(fires.update().where(fires.c.id == fire_id).values(run_id=run_id))
-            recorded.append(Fire(id=int(fire_id), **{**row, "run_id": run_id}))
-        return recorded
+            if fire_id is not None:  # else decided by another scheduler
+                ours.append((int(fire_id), decision, row))
+        fired = [
+            (fire_id, decision.run)
+            for fire_id, decision, _ in ours
+            if decision.decision == "fired" and decision.run is not None
+        ]
+        replacing = {d.schedule for _, d, _ in ours if d.decision == "fired" and d.replace_running}
+        for schedule in sorted(replacing):
+            self._cancel_schedule_runs(db, schedule, now)  # before the new runs are linked
+        # The runs, their first transitions and the links: three statements, not three per run.
+        run_ids = self._insert_queued_runs(db, [run for _, run in fired], now)
+        linked = {fire_id: run_id for (fire_id, _), run_id in zip(fired, run_ids, strict=True)}
+        self._link_runs(db, linked)
+        return [
+            Fire(id=fire_id, **{**row, "run_id": linked.get(fire_id)}) for fire_id, _, row in ours
+        ]
+
+    @staticmethod
+    def _link_runs(db: sa.Connection, linked: Mapping[int, str]) -> None:
+        """Set the run of each fire (fire id -> run id)."""
+        if not linked:
+            return
+        if db.dialect.name == "postgresql":
+            # One statement with two array parameters: psycopg's executemany would send (and
+            # SQLAlchemy process) one UPDATE per fire.
+            db.execute(
+                sa.text(
+                    f"UPDATE {fires.name} SET run_id = v.run_id FROM unnest("
+                    "CAST(:fire_ids AS bigint[]), CAST(:run_ids AS varchar[])) AS v(id, run_id) "
+                    f"WHERE {fires.name}.id = v.id"
+                ),
+                {"fire_ids": list(linked), "run_ids": list(linked.values())},
+            )
+            return
+        db.execute(  # SQLite: executemany is one C loop over a prepared statement
+            fires.update()
+            .where(fires.c.id == sa.bindparam("fire_id"))
+            .values(run_id=sa.bindparam("linked_run")),
+            [{"fire_id": f, "linked_run": r} for f, r in linked.items()],
+        )
+
+    def _insert_queued_runs(
+        self, db: sa.Connection, requests: Sequence[RunRequest], now: datetime
+    ) -> list[str]:
+        """Insert pending runs as ``_insert_run`` does (without an owner), in one statement per
+        table; their ids, in order."""
+        if not requests:
+            return []
+        rows: list[dict[str, Any]] = []
+        for request in requests:
+            if request.backend not in BACKENDS:
+                raise ValueError(
+                    f"backend must be one of {sorted(BACKENDS)}, not {request.backend!r}"
+                )
+            if request.max_attempts < 1:
+                raise ValueError(f"max_attempts must be at least 1, not {request.max_attempts}")
+            if request.run_at is not None:
+                _check_aware({"run_at": request.run_at})
+            rows.append(
+                {
+                    "id": new_run_id(),
+                    "job_name": request.job_name,
+                    "job_snapshot": request.job_snapshot,
+                    "backend": request.backend,
+                    "app": request.app,
+                    "region": request.region,
+                    "state": "pending",
+                    "exit_code": None,
+                    "reason": None,
+                    "attempts": 0,
+                    "max_attempts": request.max_attempts,
+                    "timeout_s": request.timeout_s,
+                    "trigger": request.trigger,
+                    "queue": request.queue,
+                    "priority": request.priority,
+                    "idempotency_key": request.idempotency_key,
+                    "cancel_requested": False,
+                    "owner": None,
+                    "owner_expires_at": None,
+                    "next_attempt_at": request.run_at,
+                    "created_at": now,
+                    "started_at": None,
+                    "finished_at": None,
+                    "updated_at": now,
+                }
+            )
+        db.execute(runs.insert(), rows)
+        db.execute(
+            transitions_table.insert(),
+            [
+                {
+                    "run_id": row["id"],
+                    "attempt_number": None,
+                    "from_state": None,
+                    "to_state": "pending",
+                    "reason": "submitted" if r.queue is None else f"enqueued on {r.queue}",
+                    "at": now,
+                }
+                for row, r in zip(rows, requests, strict=True)
+            ],
+        )
+        return [row["id"] for row in rows]
 
     def _cancel_schedule_runs(self, db: sa.Connection, schedule: str, now: datetime) -> None:
         running = sa.select(fires.c.run_id).where(
@@ -1271,12 +1398,21 @@ class Store:
         )
 
     def _advance_schedules(self, db: sa.Connection, decided_until: Mapping[str, datetime]) -> None:
+        # Usually one moment for every schedule of a pass: one UPDATE per FIRE_BATCH names.
+        by_until: dict[datetime, list[str]] = {}
         for name, until in decided_until.items():
-            db.execute(
-                schedules_table.update()
-                .where(schedules_table.c.name == name, schedules_table.c.decided_until < until)
-                .values(decided_until=until, updated_at=self._clock.now())
-            )
+            by_until.setdefault(until, []).append(name)
+        now = self._clock.now()
+        for until, names in by_until.items():
+            for start in range(0, len(names), FIRE_BATCH):
+                db.execute(
+                    schedules_table.update()
+                    .where(
+                        schedules_table.c.name.in_(names[start : start + FIRE_BATCH]),
+                        schedules_table.c.decided_until < until,
+                    )
+                    .values(decided_until=until, updated_at=now)
+                )
 
     def running_schedules(self, names: Collection[str]) -> set[str]:
         """Which of these schedules have an unfinished run (for the overlap rules)."""
@@ -1324,23 +1460,47 @@ class Store:
         """Delete the finished runs of ``schedule`` beyond its newest ``keep`` (with their
         attempts, transitions and logs); the fire rows stay, without their run. Returns how
         many runs were deleted."""
-        with self._write() as db:
-            finished = (
-                sa.select(runs.c.id)
-                .join(fires, fires.c.run_id == runs.c.id)
-                .where(fires.c.schedule == schedule, runs.c.state.in_(TERMINAL_STATES))
-                .order_by(runs.c.created_at.desc(), runs.c.id.desc())
-                .offset(keep)
-            )
-            doomed = [row.id for row in db.execute(finished)]
-            for start in range(0, len(doomed), FIRE_BATCH):
-                chunk = doomed[start : start + FIRE_BATCH]
-                # Not every database enforces ON DELETE for us: clear the references first.
-                db.execute(fires.update().where(fires.c.run_id.in_(chunk)).values(run_id=None))
-                for table in (log_lines, transitions_table, attempts):
-                    db.execute(table.delete().where(table.c.run_id.in_(chunk)))
-                db.execute(runs.delete().where(runs.c.id.in_(chunk)))
-        return len(doomed)
+        return self.prune_schedules_runs({schedule: keep}).get(schedule, 0)
+
+    def prune_schedules_runs(self, keep: Mapping[str, int]) -> dict[str, int]:
+        """``prune_schedule_runs`` for many schedules (name -> runs to keep): one query per
+        FIRE_BATCH schedules, not one transaction per schedule. Returns the deletions per
+        schedule (schedules with none left out)."""
+        by_keep: dict[int, list[str]] = {}
+        for name, count in keep.items():
+            by_keep.setdefault(count, []).append(name)
+        removed: dict[str, int] = {}
+        for count, names in sorted(by_keep.items()):
+            for start in range(0, len(names), FIRE_BATCH):
+                chunk = names[start : start + FIRE_BATCH]
+                newest_first = sa.func.row_number().over(
+                    partition_by=fires.c.schedule,
+                    order_by=(runs.c.created_at.desc(), runs.c.id.desc()),
+                )
+                ranked = (
+                    sa.select(runs.c.id, fires.c.schedule, newest_first.label("place"))
+                    .join(fires, fires.c.run_id == runs.c.id)
+                    .where(fires.c.schedule.in_(chunk), runs.c.state.in_(TERMINAL_STATES))
+                    .subquery()
+                )
+                with self._write() as db:
+                    doomed = db.execute(
+                        sa.select(ranked.c.id, ranked.c.schedule).where(ranked.c.place > count)
+                    ).all()
+                    self._delete_runs(db, [row.id for row in doomed])
+                for row in doomed:
+                    removed[row.schedule] = removed.get(row.schedule, 0) + 1
+        return removed
+
+    @staticmethod
+    def _delete_runs(db: sa.Connection, doomed: Sequence[str]) -> None:
+        for start in range(0, len(doomed), FIRE_BATCH):
+            chunk = doomed[start : start + FIRE_BATCH]
+            # Not every database enforces ON DELETE for us: clear the references first.
+            db.execute(fires.update().where(fires.c.run_id.in_(chunk)).values(run_id=None))
+            for table in (log_lines, transitions_table, attempts):
+                db.execute(table.delete().where(table.c.run_id.in_(chunk)))
+            db.execute(runs.delete().where(runs.c.id.in_(chunk)))
 
     # ----- rate limits -----
 

@@ -153,6 +153,9 @@ class AttemptRow(StoreModel, table=True):
     created_at: datetime = _ts(nullable=False)
     started_at: datetime | None = _ts()
     finished_at: datetime | None = _ts()
+    # When the machine's last log lines were known to be copied (after the drain that follows
+    # its exit). A finished attempt without it lost its driver in between: anyone may copy them.
+    logs_copied_at: datetime | None = _ts()
 
 
 class TransitionRow(StoreModel, table=True):

@@ -1,4 +1,5 @@
-"""Cron schedules: how far each schedule's ticks are decided, and one row per decision.
+"""Cron schedules (how far each schedule's ticks are decided, and one row per decision), and
+when each attempt's log lines were known to be all copied.
 
 Revision ID: 0003
 Revises: 0002
@@ -47,9 +48,15 @@ def upgrade() -> None:
         ),
     )
     op.create_index("ix_schedule_fires_schedule_id", "schedule_fires", ["schedule", "id"])
+    with op.batch_alter_table("attempts") as batch:
+        batch.add_column(sa.Column("logs_copied_at", sa.DateTime(timezone=True), nullable=True))
+    # Attempts recorded before this version are taken as copied: their drivers drained them.
+    op.execute("UPDATE attempts SET logs_copied_at = finished_at WHERE finished_at IS NOT NULL")
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("attempts") as batch:
+        batch.drop_column("logs_copied_at")
     op.drop_index("ix_schedule_fires_schedule_id", table_name="schedule_fires")
     op.drop_table("schedule_fires")
     op.drop_table("schedules")
