@@ -192,6 +192,42 @@ class FireDecision:
     replace_running: bool = False
 
 
+def _new_run_row(request: RunRequest, now: datetime) -> dict[str, Any]:
+    """The row of a new, unclaimed ``pending`` run for ``request`` (checked first)."""
+    if request.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, not {request.backend!r}")
+    if request.max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1, not {request.max_attempts}")
+    if request.run_at is not None:
+        _check_aware({"run_at": request.run_at})
+    return {
+        "id": new_run_id(),
+        "job_name": request.job_name,
+        "job_snapshot": request.job_snapshot,
+        "backend": request.backend,
+        "app": request.app,
+        "region": request.region,
+        "state": "pending",
+        "exit_code": None,
+        "reason": None,
+        "attempts": 0,
+        "max_attempts": request.max_attempts,
+        "timeout_s": request.timeout_s,
+        "trigger": request.trigger,
+        "queue": request.queue,
+        "priority": request.priority,
+        "idempotency_key": request.idempotency_key,
+        "cancel_requested": False,
+        "owner": None,
+        "owner_expires_at": None,
+        "next_attempt_at": request.run_at,
+        "created_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": now,
+    }
+
+
 class Store:
     """The run ledger: runs, their attempts, state transitions and log lines.
 
@@ -346,43 +382,12 @@ class Store:
         owner: str | None = None,
         owner_ttl_s: float = 30.0,
     ) -> Run:
-        if request.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, not {request.backend!r}")
-        if request.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, not {request.max_attempts}")
-        if request.run_at is not None:
-            _check_aware({"run_at": request.run_at})
         now = self._clock.now()
-        # A born claim is stamped like every other claim (the database's time on PostgreSQL).
-        claimed_at = self._claim_now(db) if owner is not None else now
-        values: dict[str, Any] = {
-            "id": new_run_id(),
-            "job_name": request.job_name,
-            "job_snapshot": request.job_snapshot,
-            "backend": request.backend,
-            "app": request.app,
-            "region": request.region,
-            "state": "pending",
-            "exit_code": None,
-            "reason": None,
-            "attempts": 0,
-            "max_attempts": request.max_attempts,
-            "timeout_s": request.timeout_s,
-            "trigger": request.trigger,
-            "queue": request.queue,
-            "priority": request.priority,
-            "idempotency_key": request.idempotency_key,
-            "cancel_requested": False,
-            "owner": owner,
-            "owner_expires_at": (
-                claimed_at + timedelta(seconds=owner_ttl_s) if owner is not None else None
-            ),
-            "next_attempt_at": request.run_at,
-            "created_at": now,
-            "started_at": None,
-            "finished_at": None,
-            "updated_at": now,
-        }
+        values = _new_run_row(request, now)
+        if owner is not None:
+            # A born claim is stamped like every other claim (the database's time on PostgreSQL).
+            expires = self._claim_now(db) + timedelta(seconds=owner_ttl_s)
+            values.update(owner=owner, owner_expires_at=expires)
         db.execute(runs.insert().values(values))
         reason = "submitted" if request.queue is None else f"enqueued on {request.queue}"
         self._record(db, values["id"], None, "pending", reason, None, now)
@@ -1332,44 +1337,7 @@ class Store:
         table; their ids, in order."""
         if not requests:
             return []
-        rows: list[dict[str, Any]] = []
-        for request in requests:
-            if request.backend not in BACKENDS:
-                raise ValueError(
-                    f"backend must be one of {sorted(BACKENDS)}, not {request.backend!r}"
-                )
-            if request.max_attempts < 1:
-                raise ValueError(f"max_attempts must be at least 1, not {request.max_attempts}")
-            if request.run_at is not None:
-                _check_aware({"run_at": request.run_at})
-            rows.append(
-                {
-                    "id": new_run_id(),
-                    "job_name": request.job_name,
-                    "job_snapshot": request.job_snapshot,
-                    "backend": request.backend,
-                    "app": request.app,
-                    "region": request.region,
-                    "state": "pending",
-                    "exit_code": None,
-                    "reason": None,
-                    "attempts": 0,
-                    "max_attempts": request.max_attempts,
-                    "timeout_s": request.timeout_s,
-                    "trigger": request.trigger,
-                    "queue": request.queue,
-                    "priority": request.priority,
-                    "idempotency_key": request.idempotency_key,
-                    "cancel_requested": False,
-                    "owner": None,
-                    "owner_expires_at": None,
-                    "next_attempt_at": request.run_at,
-                    "created_at": now,
-                    "started_at": None,
-                    "finished_at": None,
-                    "updated_at": now,
-                }
-            )
+        rows = [_new_run_row(request, now) for request in requests]
         db.execute(runs.insert(), rows)
         db.execute(
             transitions_table.insert(),
