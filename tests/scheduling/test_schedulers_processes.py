@@ -260,4 +260,4 @@ def test_three_scheduler_processes_decide_each_tick_once_on_postgres(tmp_path: P
 
 
 def test_three_scheduler_processes_share_one_sqlite_file(tmp_path: Path) -> None:
-    run_and_check(f"sqlite:///{tmp_path / 'ledger.db'}", tmp_path, seconds=10)
+    run_and_check(f"sqlite:///{tmp_path / 'ledger.db'}", tmp_path, seconds=6)

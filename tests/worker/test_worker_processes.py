@@ -219,14 +219,14 @@ def test_three_worker_processes_on_postgresql_run_each_of_500_runs_once(
         run_fleet(make_fleet, url, 500)
 
 
-def test_three_worker_processes_on_one_sqlite_ledger_run_each_of_150_runs_once(
+def test_three_worker_processes_on_one_sqlite_ledger_run_each_of_100_runs_once(
     make_fleet: Callable[[str], Fleet], ledger_url: str
 ) -> None:
-    run_fleet(make_fleet, ledger_url, 150)
+    run_fleet(make_fleet, ledger_url, 100)
 
 
 def test_a_worker_killed_mid_drain_loses_nothing_and_duplicates_nothing(
     make_fleet: Callable[[str], Fleet],
 ) -> None:
     with postgres_url() as url:
-        run_fleet(make_fleet, url, 120, kill_one_at=0.3, script="sleep 0.5; echo $N")
+        run_fleet(make_fleet, url, 80, kill_one_at=0.3, script="sleep 0.5; echo $N")
