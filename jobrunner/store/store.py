@@ -1507,26 +1507,11 @@ class Store:
     def add_logs(self, run_id: str, attempt_number: int, lines: Iterable[LogLineIn]) -> int:
         """Store lines of an attempt's output; returns how many were new. A line whose entry id
         (given, or derived from its content) is already stored for the attempt is skipped."""
-        rows: dict[str, dict[str, Any]] = {}
-        for line in lines:
-            if line.ts.tzinfo is None:
-                raise ValueError(f"log line timestamp must be timezone-aware, got {line.ts!r}")
-            key = line.key()
-            rows.setdefault(
-                key,
-                {
-                    "run_id": run_id,
-                    "attempt_number": attempt_number,
-                    "entry_id": key,
-                    "ts": line.ts,
-                    "stream": line.stream[:16],
-                    "message": line.message,
-                },
-            )
+        rows = _log_rows(run_id, attempt_number, lines)
         if not rows:
             return 0
         with self._write() as db:
-            return self._insert_new_logs(db, list(rows.values()))
+            return self._insert_new_logs(db, rows)
 
     def _insert_new_logs(self, db: sa.Connection, rows: list[dict[str, Any]]) -> int:
         dialect_insert = postgresql.insert if db.dialect.name == "postgresql" else sqlite.insert
@@ -1640,7 +1625,7 @@ class Store:
                     )
                 )
                 for number, lines in (logs or {}).items():
-                    rows = _imported_log_rows(run.id, number, lines)
+                    rows = _log_rows(run.id, number, lines)
                     if rows:
                         self._insert_new_logs(db, rows)
                 row = db.execute(runs.select().where(runs.c.id == run.id)).one()
@@ -1651,10 +1636,9 @@ class Store:
         return Run.from_row(row)
 
 
-def _imported_log_rows(
-    run_id: str, number: int, lines: Iterable[LogLineIn]
-) -> list[dict[str, Any]]:
-    """Log rows as ``Store.add_logs`` makes them (one per entry id)."""
+def _log_rows(run_id: str, number: int, lines: Iterable[LogLineIn]) -> list[dict[str, Any]]:
+    """The rows to store for an attempt's lines: one per entry id (given, or derived from the
+    line), so a line fetched twice is stored once."""
     rows: dict[str, dict[str, Any]] = {}
     for line in lines:
         if line.ts.tzinfo is None:
