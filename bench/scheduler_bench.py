@@ -22,8 +22,9 @@ the job files, each minute's burst (from 1 s before the minute until its last fi
 and the idle rate between minutes (re-reading the folder every 2 s) as a share of one core. On
 PostgreSQL the server's CPU for the bench database's connections is shown too (``/proc``).
 
-``--profile`` adds a cProfile of one in-process ``Scheduler.step`` at a due minute (on a fake
-clock, store calls run inline so the profile sees them) and of one re-read of the unchanged
+``--profile`` adds a cProfile of one in-process ``Scheduler.step`` at a due minute, after
+``Scheduler.prepare`` a second before it as ``run()`` does (on a fake clock, store calls run
+inline so the profile sees them) and of one re-read of the unchanged
 folder, and prints the top functions by cumulative and own time.
 Numbers go into docs/performance.md ("Scheduler").
 """
@@ -355,6 +356,9 @@ def profile_case(kind: str, count: int, root: Path, top: int) -> str:
                 )
                 with inline_threads():
                     await scheduler.load()
+                    # As Scheduler.run does: the minute's decisions are prepared ahead of it.
+                    clock.at = datetime(2027, 1, 4, 8, 59, 59, tzinfo=UTC)
+                    await scheduler.prepare()
                     clock.at = datetime(2027, 1, 4, 9, 0, 0, 50_000, tzinfo=UTC)
                     for what, call in (
                         ("Scheduler.step at the due minute", scheduler.step),

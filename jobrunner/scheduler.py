@@ -35,7 +35,7 @@ import anyio
 from jobrunner.clock import SYSTEM_CLOCK, Clock
 from jobrunner.cron import CronSchedule, Tick, jitter_offset
 from jobrunner.spec import Job, JobSpecError
-from jobrunner.store import Fire, FireDecision, RunRequest, Store
+from jobrunner.store import Fire, FireDecision, PreparedFires, RunRequest, Store
 
 __all__ = ["ScheduledJob", "Scheduler", "StepReport"]
 
@@ -46,6 +46,10 @@ MISSED_AFTER = timedelta(seconds=5)
 # How often the job files are looked at for changes, and finished runs pruned.
 RELOAD_EVERY = 2.0
 PRUNE_EVERY = 60.0
+# How long before a tick its decisions are worked out and its runs' rows built, so that at the
+# tick itself only the inserts remain (10,000 schedules due at one minute: see
+# docs/performance.md, "Scheduler").
+LOOKAHEAD = 2.0
 QUEUE = "default"
 
 
@@ -87,6 +91,16 @@ class StepReport:
         return sum(f.decision == "skipped" for f in self.fires)
 
 
+@dataclass
+class _Ahead:
+    """Decisions prepared before their moment (``Scheduler.prepare``)."""
+
+    moment: datetime
+    schedules: dict[str, ScheduledJob]  # the schedules covered, as loaded when prepared
+    prepared: PreparedFires
+    taken: set[str] = field(default_factory=set)  # recorded as prepared at the tick
+
+
 class Scheduler:
     """Decides the ticks of the cron-scheduled jobs in ``jobs_dir`` (or given ``jobs``)."""
 
@@ -117,6 +131,7 @@ class Scheduler:
         self._last_prune = float("-inf")
         self._fired_since_prune: set[str] = set()
         self._stopping = anyio.Event()
+        self._ahead: _Ahead | None = None
         self._fixed = [ScheduledJob.of(j) for j in jobs if j.schedule and not j.native]
 
     # ---- which jobs ---------------------------------------------------------------------------
@@ -215,6 +230,7 @@ class Scheduler:
         """Decide ticks until ``stop()``: wake for the next tick (or every ``interval``)."""
         while not self._stopping.is_set():
             try:
+                await self.prepare()
                 await self.step()
             except Exception as exc:  # the ledger is down, a file cannot be read: try again
                 logger.warning("scheduler pass failed (retrying): %s", exc)
@@ -236,7 +252,47 @@ class Scheduler:
         if not self._heap:
             return self.interval
         until_next = (self._heap[0][0] - self.clock.now()).total_seconds()
+        if self._ahead is None or self._ahead.moment != self._heap[0][0]:
+            until_next -= LOOKAHEAD  # wake to prepare it first
         return max(0.0, min(self.interval, until_next))
+
+    async def prepare(self) -> None:
+        """Work out the next due moment's decisions ahead of it, when it is near.
+
+        Only what cannot change before the tick is prepared: schedules with ``concurrency =
+        allow`` (their decision does not depend on runs that may finish in the meantime), not
+        paused, on time. At the tick ``step`` checks the pause flags again and re-decides any
+        schedule whose job file, pause state or deadline changed since; the rest is inserted
+        as prepared."""
+        if not self._heap:
+            return
+        moment = self._heap[0][0]
+        now = self.clock.now()
+        if moment <= now or (moment - now).total_seconds() > LOOKAHEAD:
+            return
+        if self._ahead is not None and self._ahead.moment == moment:
+            return
+        names = [name for wake, name in self._heap if wake == moment and name in self._schedules]
+        candidates = {
+            name: self._schedules[name]
+            for name in names
+            if self._schedules[name].job.concurrency == "allow"
+            and not self._schedules[name].job.paused
+        }
+        states = await anyio.to_thread.run_sync(self.store.schedule_states, list(candidates))
+        decisions: list[FireDecision] = []
+        covered: dict[str, ScheduledJob] = {}
+        for name, scheduled in candidates.items():
+            state = states.get(name)
+            if state is None or state.paused:
+                continue
+            made = self._decisions(scheduled, state.decided_until, moment, False, False)
+            if any(d.scheduled_for > moment for d in made):
+                continue
+            covered[name] = scheduled
+            decisions += made
+        prepared = await anyio.to_thread.run_sync(self.store.prepare_fires, decisions)
+        self._ahead = _Ahead(moment, covered, prepared)
 
     async def step(self) -> StepReport:
         """One pass at the clock's now: reload files if due, decide the ticks that are due.
@@ -254,10 +310,17 @@ class Scheduler:
             if name in self._schedules:
                 due.append(name)
         report = StepReport()
-        if due:
-            report.fires = await self._decide(due, now)
+        ahead, self._ahead = self._ahead, None
+        decided: dict[str, datetime] = {}
+        if due and ahead is not None:
+            taken = await self._record_ahead(ahead, due, now)
+            report.fires += taken
+            decided = dict.fromkeys(ahead.taken, ahead.moment)
+        rest = [name for name in due if name not in decided]
+        if rest:
+            report.fires += await self._decide(rest, now)
         for name in due:
-            wake = self._next_wake(self._schedules[name], now)
+            wake = self._next_wake(self._schedules[name], decided.get(name, now))
             if wake is not None:
                 heapq.heappush(self._heap, (wake, name))
         if reload:
@@ -287,10 +350,38 @@ class Scheduler:
 
     # ---- deciding -----------------------------------------------------------------------------
 
+    async def _record_ahead(self, ahead: _Ahead, due: list[str], now: datetime) -> list[Fire]:
+        """Record the prepared decisions that still hold; ``ahead.taken`` says whose."""
+        if now < ahead.moment or now - ahead.moment > MISSED_AFTER:
+            return []
+        paused = await anyio.to_thread.run_sync(self.store.paused_schedules)
+        late = (now - ahead.moment).total_seconds()
+        keep = {
+            name
+            for name in due
+            if ahead.schedules.get(name) is not None
+            and ahead.schedules[name] is self._schedules.get(name)  # file unchanged since
+            and name not in paused
+            and _within(ahead.schedules[name].job.starting_deadline, late)
+        }
+        prepared = ahead.prepared
+        if keep != set(ahead.schedules):
+            prepared = prepared.only(keep)
+        fires = await anyio.to_thread.run_sync(
+            lambda: self.store.record_fires(
+                prepared, decided_until=dict.fromkeys(keep, ahead.moment)
+            )
+        )
+        ahead.taken = keep
+        self._after_fires(fires)
+        return fires
+
     async def _decide(self, names: list[str], now: datetime) -> list[Fire]:
         states = await anyio.to_thread.run_sync(self.store.schedule_states, names)
         paused = {n for n, s in states.items() if s.paused}
-        running = await anyio.to_thread.run_sync(self.store.running_schedules, names)
+        # Only the overlap rules look at unfinished runs; "allow" schedules need no query.
+        watched = [n for n in names if self._schedules[n].job.concurrency != "allow"]
+        running = await anyio.to_thread.run_sync(self.store.running_schedules, watched)
         decisions: list[FireDecision] = []
         for name in names:
             scheduled = self._schedules[name]
@@ -304,11 +395,14 @@ class Scheduler:
         fires = await anyio.to_thread.run_sync(
             lambda: self.store.record_fires(decisions, decided_until=dict.fromkeys(names, now))
         )
+        self._after_fires(fires)
+        return fires
+
+    def _after_fires(self, fires: list[Fire]) -> None:
         fired = {f.schedule for f in fires if f.decision == "fired"}
         self._fired_since_prune.update(fired)
         if fired and self._on_fired is not None:
             self._on_fired()
-        return fires
 
     def _decisions(
         self, scheduled: ScheduledJob, since: datetime, now: datetime, paused: bool, running: bool
@@ -479,3 +573,7 @@ class Scheduler:
         removed = await anyio.to_thread.run_sync(self.store.prune_schedules_runs, keep)
         for name, count in sorted(removed.items()):
             logger.info("pruned %d finished run(s) of schedule %s", count, name)
+
+
+def _within(deadline: float | None, late: float) -> bool:
+    return deadline is None or late <= deadline

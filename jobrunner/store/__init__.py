@@ -34,7 +34,13 @@ from jobrunner.store.records import (
     ScheduleState,
     Transition,
 )
-from jobrunner.store.store import MIN_PREFIX_LENGTH, FireDecision, RunRequest, Store
+from jobrunner.store.store import (
+    MIN_PREFIX_LENGTH,
+    FireDecision,
+    PreparedFires,
+    RunRequest,
+    Store,
+)
 
 __all__ = [
     "ACTIVE_STATES",
@@ -51,6 +57,7 @@ __all__ = [
     "LogLine",
     "LogLineIn",
     "MigrationError",
+    "PreparedFires",
     "Run",
     "RunNotFound",
     "RunRequest",

@@ -18,9 +18,11 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from jobrunner.clock import SYSTEM_CLOCK, Clock
 from jobrunner.states import ACTIVE_STATES, ATTEMPT_OUTCOMES, RUN_STATES, TERMINAL_STATES
+from jobrunner.store.bulk import BulkInsert
 from jobrunner.store.engine import (
     READ_OPTION,
     create_store_engine,
@@ -84,6 +86,10 @@ schedules_table = METADATA.tables[ScheduleRow.__tablename__]
 fires = METADATA.tables[ScheduleFireRow.__tablename__]
 # Rows per statement when many fires are decided at once (10,000 schedules due at one minute).
 FIRE_BATCH = 500
+# Fires recorded per transaction: each commits (and is visible to workers) on its own, so a
+# burst of 10,000 is taken by workers as it is written; larger would save round trips but
+# hold back the first runs.
+FIRES_PER_TRANSACTION = 1000
 
 # Columns callers may set through transition_run / update_attempt.
 RUN_FIELDS = frozenset(
@@ -192,6 +198,24 @@ class FireDecision:
     replace_running: bool = False
 
 
+@dataclass(frozen=True)
+class PreparedFires:
+    """Fire decisions with their runs' rows already built (``Store.prepare_fires``)."""
+
+    decisions: list[FireDecision]
+    run_rows: dict[int, dict[str, Any]]  # decision index -> the run's row
+    run_values: dict[int, list[Any]]  # the same, in the database's form
+
+    def only(self, schedules: Collection[str]) -> PreparedFires:
+        """The decisions (and rows) of these schedules only."""
+        kept = [i for i, d in enumerate(self.decisions) if d.schedule in schedules]
+        return PreparedFires(
+            [self.decisions[i] for i in kept],
+            {new: self.run_rows[old] for new, old in enumerate(kept) if old in self.run_rows},
+            {new: self.run_values[old] for new, old in enumerate(kept) if old in self.run_values},
+        )
+
+
 def _new_run_row(request: RunRequest, now: datetime) -> dict[str, Any]:
     """The row of a new, unclaimed ``pending`` run for ``request`` (checked first)."""
     if request.backend not in BACKENDS:
@@ -228,6 +252,29 @@ def _new_run_row(request: RunRequest, now: datetime) -> dict[str, Any]:
     }
 
 
+class _FireWriters:
+    """The bulk inserts a scheduler burst makes, built once per dialect."""
+
+    def __init__(self, dialect: sa.engine.Dialect) -> None:
+        run_columns = list(_new_run_row(_PROTOTYPE_REQUEST, datetime.now(UTC)))
+        self.runs = BulkInsert(runs, run_columns, dialect)
+        self.transitions = BulkInsert(
+            transitions_table,
+            ["run_id", "attempt_number", "from_state", "to_state", "reason", "at"],
+            dialect,
+        )
+        self.fires = BulkInsert(
+            fires,
+            ["schedule", "scheduled_for", "decision", "reason", "trigger", "run_id", "decided_at"],
+            dialect,
+            on_conflict=["schedule", "scheduled_for"],
+            returning=["id", "schedule", "scheduled_for"],
+        )
+
+
+_PROTOTYPE_REQUEST = RunRequest("prototype", {}, "local", None, None, 1, None)
+
+
 class Store:
     """The run ledger: runs, their attempts, state transitions and log lines.
 
@@ -242,6 +289,7 @@ class Store:
     def __init__(self, url: str | None = None, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self._clock = clock
         self._url = resolve_url(url)
+        self._fire_writer_cache: dict[str, _FireWriters] = {}
         with translate_errors(self._url):
             self._engine = create_store_engine(self._url)
             self._write_lock: AbstractContextManager[object] = (
@@ -1240,128 +1288,157 @@ class Store:
                 )
             )
 
+    def prepare_fires(self, decisions: Sequence[FireDecision]) -> PreparedFires:
+        """Build the rows of the runs ``decisions`` fire ahead of time (ids, snapshots in the
+        database's form), so that ``record_fires`` at the tick only has to send them."""
+        writers = self._fire_writers(self._engine.dialect)
+        placeholder = self._clock.now()
+        rows = {
+            i: _new_run_row(d.run, placeholder)
+            for i, d in enumerate(decisions)
+            if d.decision == "fired" and d.run is not None
+        }
+        values = dict(zip(rows, writers.runs.convert_many(list(rows.values())), strict=True))
+        return PreparedFires(list(decisions), rows, values)
+
     def record_fires(
-        self, decisions: Sequence[FireDecision], *, decided_until: Mapping[str, datetime]
+        self,
+        decisions: Sequence[FireDecision] | PreparedFires,
+        *,
+        decided_until: Mapping[str, datetime],
     ) -> list[Fire]:
         """Record tick decisions and queue the runs of the fired ones, in one transaction per
         batch; then move each schedule's ``decided_until`` forward (never back).
 
         A decision whose (schedule, scheduled_for) is already recorded (another scheduler got
         there first) is dropped with its run: only the returned fires were recorded here.
+        ``decisions`` may come from ``prepare_fires`` (the runs' rows built ahead); their
+        ``created_at`` is still the moment they are recorded.
         """
+        prepared = decisions if isinstance(decisions, PreparedFires) else None
+        listed = decisions.decisions if isinstance(decisions, PreparedFires) else list(decisions)
         recorded: list[Fire] = []
-        for start in range(0, max(len(decisions), 1), FIRE_BATCH):
-            batch = decisions[start : start + FIRE_BATCH]
-            last = start + FIRE_BATCH >= len(decisions)
+        for start in range(0, max(len(listed), 1), FIRES_PER_TRANSACTION):
+            batch = listed[start : start + FIRES_PER_TRANSACTION]
+            last = start + FIRES_PER_TRANSACTION >= len(listed)
+            ahead = None
+            if prepared is not None:
+                ahead = {
+                    i - start: (prepared.run_rows[i], prepared.run_values[i])
+                    for i in range(start, start + len(batch))
+                    if i in prepared.run_rows
+                }
             with self._write() as db:
-                recorded += self._record_fire_batch(db, batch)
+                recorded += self._record_fire_batch(db, batch, ahead)
                 if last:
                     self._advance_schedules(db, decided_until)
                 if db.dialect.name == "postgresql" and any(f.run_id for f in recorded):
                     db.execute(sa.select(sa.func.pg_notify(WAKEUP_CHANNEL, "")))
         return recorded
 
-    def _record_fire_batch(self, db: sa.Connection, batch: Sequence[FireDecision]) -> list[Fire]:
+    def _record_fire_batch(
+        self,
+        db: sa.Connection,
+        batch: Sequence[FireDecision],
+        ahead: Mapping[int, tuple[dict[str, Any], list[Any]]] | None = None,
+    ) -> list[Fire]:
+        """Record one batch in four statements whatever its size (runs, fires, transitions,
+        and the cancels of ``replace``), through ``BulkInsert``: a burst of thousands of fires
+        is bound by the database, not by per-row work in Python."""
         if not batch:
             return []
         now = self._clock.now()
-        dialect_insert = postgresql.insert if db.dialect.name == "postgresql" else sqlite.insert
-        rows: list[dict[str, Any]] = [
+        writers = self._fire_writers(db.dialect)
+        # The runs go in first, since the fire rows reference them; a fire row that loses to
+        # another scheduler's (same schedule and tick) takes its run back out below.
+        if ahead is None:
+            run_rows = {
+                index: _new_run_row(d.run, now)
+                for index, d in enumerate(batch)
+                if d.decision == "fired" and d.run is not None
+            }
+            run_values = writers.runs.convert_many(list(run_rows.values()))
+        else:  # built by prepare_fires: only the moment of recording is filled in
+            run_rows = {index: row for index, (row, _) in ahead.items()}
+            run_values = [values for _, values in ahead.values()]
+            writers.runs.stamp(run_values, {"created_at": now, "updated_at": now})
+        writers.runs.execute(db, run_values)
+        fire_rows = [
             {
                 "schedule": d.schedule,
                 "scheduled_for": d.scheduled_for,
                 "decision": d.decision,
                 "reason": d.reason,
                 "trigger": d.trigger,
-                "run_id": None,
+                "run_id": run_rows[i]["id"] if i in run_rows else None,
                 "decided_at": now,
             }
-            for d in batch
+            for i, d in enumerate(batch)
         ]
-        inserted = db.execute(
-            dialect_insert(fires)
-            .on_conflict_do_nothing(index_elements=["schedule", "scheduled_for"])
-            .returning(fires.c.id, fires.c.schedule, fires.c.scheduled_for),
-            rows,
-        ).all()
-        ids = {(r.schedule, r.scheduled_for.astimezone(UTC)): r.id for r in inserted}
-        ours: list[tuple[int, FireDecision, dict[str, Any]]] = []
-        for decision, row in zip(batch, rows, strict=True):
-            fire_id = ids.get((decision.schedule, decision.scheduled_for.astimezone(UTC)))
-            if fire_id is not None:  # else decided by another scheduler
-                ours.append((int(fire_id), decision, row))
-        fired = [
-            (fire_id, decision.run)
-            for fire_id, decision, _ in ours
-            if decision.decision == "fired" and decision.run is not None
-        ]
-        replacing = {d.schedule for _, d, _ in ours if d.decision == "fired" and d.replace_running}
+        converted = writers.fires.convert_many(fire_rows)
+        inserted = {(r[1], r[2]): int(r[0]) for r in writers.fires.execute(db, converted)}
+        # (schedule, scheduled_for) as the driver returns it is what convert() sent.
+        keys = [(values[0], values[1]) for values in converted]
+        ours = [i for i, key in enumerate(keys) if key in inserted]
+        lost = [run_rows[i]["id"] for i in run_rows if keys[i] not in inserted]
+        if lost:  # decided by another scheduler: its fire (and run) stand, ours never existed
+            db.execute(runs.delete().where(runs.c.id.in_(lost)))
+        kept = {i: run_rows[i] for i in ours if i in run_rows}
+        writers.transitions.execute(
+            db,
+            writers.transitions.convert_many(
+                [
+                    {
+                        "run_id": row["id"],
+                        "attempt_number": None,
+                        "from_state": None,
+                        "to_state": "pending",
+                        "reason": "submitted"
+                        if row["queue"] is None
+                        else f"enqueued on {row['queue']}",
+                        "at": now,
+                    }
+                    for row in kept.values()
+                ]
+            ),
+        )
+        replacing = {batch[i].schedule for i in kept if batch[i].replace_running}
+        new_ids = [row["id"] for row in kept.values()]
         for schedule in sorted(replacing):
-            self._cancel_schedule_runs(db, schedule, now)  # before the new runs are linked
-        # The runs, their first transitions and the links: three statements, not three per run.
-        run_ids = self._insert_queued_runs(db, [run for _, run in fired], now)
-        linked = {fire_id: run_id for (fire_id, _), run_id in zip(fired, run_ids, strict=True)}
-        self._link_runs(db, linked)
+            self._cancel_schedule_runs(db, schedule, now, sparing=new_ids)
         return [
-            Fire(id=fire_id, **{**row, "run_id": linked.get(fire_id)}) for fire_id, _, row in ours
+            Fire(
+                id=inserted[keys[i]],
+                schedule=batch[i].schedule,
+                scheduled_for=batch[i].scheduled_for,
+                decision=batch[i].decision,
+                reason=batch[i].reason,
+                trigger=batch[i].trigger,
+                run_id=kept[i]["id"] if i in kept else None,
+                decided_at=now,
+            )
+            for i in ours
         ]
 
-    @staticmethod
-    def _link_runs(db: sa.Connection, linked: Mapping[int, str]) -> None:
-        """Set the run of each fire (fire id -> run id)."""
-        if not linked:
-            return
-        if db.dialect.name == "postgresql":
-            # One statement with two array parameters: psycopg's executemany would send (and
-            # SQLAlchemy process) one UPDATE per fire.
-            db.execute(
-                sa.text(
-                    f"UPDATE {fires.name} SET run_id = v.run_id FROM unnest("
-                    "CAST(:fire_ids AS bigint[]), CAST(:run_ids AS varchar[])) AS v(id, run_id) "
-                    f"WHERE {fires.name}.id = v.id"
-                ),
-                {"fire_ids": list(linked), "run_ids": list(linked.values())},
-            )
-            return
-        db.execute(  # SQLite: executemany is one C loop over a prepared statement
-            fires.update()
-            .where(fires.c.id == sa.bindparam("fire_id"))
-            .values(run_id=sa.bindparam("linked_run")),
-            [{"fire_id": f, "linked_run": r} for f, r in linked.items()],
-        )
+    def _fire_writers(self, dialect: sa.engine.Dialect) -> _FireWriters:
+        writers = self._fire_writer_cache.get(dialect.name)
+        if writers is None:
+            writers = self._fire_writer_cache[dialect.name] = _FireWriters(dialect)
+        return writers
 
-    def _insert_queued_runs(
-        self, db: sa.Connection, requests: Sequence[RunRequest], now: datetime
-    ) -> list[str]:
-        """Insert pending runs as ``_insert_run`` does (without an owner), in one statement per
-        table; their ids, in order."""
-        if not requests:
-            return []
-        rows = [_new_run_row(request, now) for request in requests]
-        db.execute(runs.insert(), rows)
-        db.execute(
-            transitions_table.insert(),
-            [
-                {
-                    "run_id": row["id"],
-                    "attempt_number": None,
-                    "from_state": None,
-                    "to_state": "pending",
-                    "reason": "submitted" if r.queue is None else f"enqueued on {r.queue}",
-                    "at": now,
-                }
-                for row, r in zip(rows, requests, strict=True)
-            ],
-        )
-        return [row["id"] for row in rows]
-
-    def _cancel_schedule_runs(self, db: sa.Connection, schedule: str, now: datetime) -> None:
+    def _cancel_schedule_runs(
+        self, db: sa.Connection, schedule: str, now: datetime, *, sparing: Sequence[str] = ()
+    ) -> None:
         running = sa.select(fires.c.run_id).where(
             fires.c.schedule == schedule, fires.c.run_id.is_not(None)
         )
         db.execute(
             runs.update()
-            .where(runs.c.id.in_(running), runs.c.state.in_(ACTIVE_STATES))
+            .where(
+                runs.c.id.in_(running),
+                runs.c.id.not_in(list(sparing)),
+                runs.c.state.in_(ACTIVE_STATES),
+            )
             .values(cancel_requested=True, updated_at=now)
         )
 
@@ -1372,6 +1449,16 @@ class Store:
             by_until.setdefault(until, []).append(name)
         now = self._clock.now()
         for until, names in by_until.items():
+            if db.dialect.name == "postgresql":  # one array parameter, however many names
+                db.execute(
+                    schedules_table.update()
+                    .where(
+                        schedules_table.c.name == sa.func.any(sa.cast(names, ARRAY(sa.Text))),
+                        schedules_table.c.decided_until < until,
+                    )
+                    .values(decided_until=until, updated_at=now)
+                )
+                continue
             for start in range(0, len(names), FIRE_BATCH):
                 db.execute(
                     schedules_table.update()
@@ -1381,6 +1468,13 @@ class Store:
                     )
                     .values(decided_until=until, updated_at=now)
                 )
+
+    def paused_schedules(self) -> set[str]:
+        """The schedules paused by ``jobrunner schedules pause`` (one short query: the
+        scheduler asks at every tick it decided ahead)."""
+        with self._read() as db:
+            query = sa.select(schedules_table.c.name).where(schedules_table.c.paused)
+            return {row.name for row in db.execute(query)}
 
     def running_schedules(self, names: Collection[str]) -> set[str]:
         """Which of these schedules have an unfinished run (for the overlap rules)."""

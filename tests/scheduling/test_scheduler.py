@@ -287,3 +287,79 @@ async def test_job_file_changes_are_picked_up_without_a_restart(
         ("skipped", "paused"),
         ("skipped", "paused"),
     ]
+
+
+# ---- decisions prepared ahead of the tick (Scheduler.prepare, used by Scheduler.run) ----------
+
+
+async def run_preparing(scheduler: Scheduler, clock: FakeClock, seconds: int) -> None:
+    """As ``run_for``, with ``prepare()`` before each step, as ``Scheduler.run`` does."""
+    for _ in range(seconds):
+        clock.advance(seconds=1)
+        await scheduler.prepare()
+        await scheduler.step()
+
+
+async def test_prepared_ticks_are_recorded_at_the_tick_like_any_other(
+    ledger: Store, clock: FakeClock
+) -> None:
+    scheduler = await scheduler_for(ledger, clock, job(concurrency="allow"))
+    await run_preparing(scheduler, clock, 180)
+    assert decisions(ledger) == [
+        ("09:01:00", "fired", None),
+        ("09:02:00", "fired", None),
+        ("09:03:00", "fired", None),
+    ]
+    fires = ledger.list_fires("tick")
+    runs = {r.id: r for r in ledger.list_runs(job="tick")}
+    assert len(runs) == 3 and {f.run_id for f in fires} == set(runs)
+    for fire in fires:
+        run = runs[fire.run_id or ""]
+        # Queued when the tick came, not when its row was built two seconds before.
+        assert run.created_at >= fire.scheduled_for
+        assert [t.to_state for t in ledger.transitions(run.id)] == ["pending"]
+    assert ledger.schedule_states(["tick"])["tick"].decided_until == START + timedelta(minutes=3)
+
+
+async def test_a_pause_between_preparing_and_the_tick_is_honoured(
+    ledger: Store, clock: FakeClock
+) -> None:
+    scheduler = await scheduler_for(ledger, clock, job(concurrency="allow"))
+    clock.advance(seconds=59)
+    await scheduler.prepare()  # 09:00:59: the 09:01:00 tick is worked out
+    ledger.set_schedule_paused("tick", True)
+    await run_preparing(scheduler, clock, 1)
+    assert decisions(ledger) == [("09:01:00", "skipped", "paused")]
+    assert ledger.list_runs(job="tick") == []
+
+
+async def test_a_job_file_edited_after_preparing_fires_the_new_version(
+    ledger: Store, clock: FakeClock, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    path = jobs / "tick.toml"
+    path.write_text('image = "alpine"\ncmd = ["old"]\nschedule = "* * * * *"\n')
+    scheduler = Scheduler(
+        ledger, backend="local", app="jobrunner-local", jobs_dir=jobs, clock=clock
+    )
+    await scheduler.load()
+    clock.advance(seconds=58)
+    await scheduler.prepare()  # built with cmd = ["old"]
+    path.write_text('image = "alpine"\ncmd = ["new"]\nschedule = "* * * * *"\n')
+    await run_preparing(scheduler, clock, 2)  # 09:00:59 re-reads the folder, 09:01:00 fires
+    (run,) = ledger.list_runs(job="tick")
+    assert run.job_snapshot["cmd"] == ["new"]
+
+
+async def test_forbid_is_decided_at_the_tick_even_when_prepared(
+    ledger: Store, clock: FakeClock
+) -> None:
+    scheduler = await scheduler_for(ledger, clock, job(concurrency="forbid"))
+    await run_preparing(scheduler, clock, 60)
+    (first,) = ledger.list_runs(job="tick")
+    clock.advance(seconds=59)
+    await scheduler.prepare()  # 09:01:59, while the first run is still unfinished
+    assert ledger.finish_run(first.id, "succeeded")
+    await run_preparing(scheduler, clock, 1)
+    assert [d[1] for d in decisions(ledger)] == ["fired", "fired"]
