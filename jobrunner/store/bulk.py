@@ -31,7 +31,7 @@ class BulkInsert:
 
     ``on_conflict`` names a unique key: rows that collide with it are left out (``ON CONFLICT
     DO NOTHING``, on SQLite and PostgreSQL alike). ``returning`` columns come back raw, as the
-    driver gives them (compare them with ``convert``-ed values, which are in the same form).
+    driver gives them (compare them with ``convert_many``-ed values, which are in the same form).
     """
 
     def __init__(
@@ -71,31 +71,55 @@ class BulkInsert:
         if self._by_column:
             # One array per column, unnested server-side: a short statement psycopg caches,
             # where thousands of placeholders would be re-parsed by psycopg on every call.
-            arrays = ", ".join(
-                f"CAST(CAST(%b AS TEXT[]) AS {table.c[name].type.compile(dialect=dialect)}[])"
-                if isinstance(table.c[name].type, sa.JSON)
-                else f"CAST(%b AS {table.c[name].type.compile(dialect=dialect)}[])"
+            # A column with one value for the whole chunk (a burst's state, queue, moment...)
+            # is sent once as a scalar instead: psycopg dumps array elements in Python.
+            self._types = [
+                (
+                    table.c[name].type.compile(dialect=dialect),
+                    isinstance(table.c[name].type, sa.JSON),
+                )
                 for name in self.columns
-            )
-            self._sql[0] = (
-                self._head.replace(" VALUES ", " ") + f"SELECT * FROM unnest({arrays})" + tail
-            )
+            ]
+            self._pg_sql: dict[tuple[bool, ...], str] = {}
             self.chunk = MAX_ROWS * 10
         else:
             self.chunk = max(1, min(MAX_ROWS, MAX_PARAMS // len(self.columns)))
 
-    def convert(self, row: dict[str, Any]) -> list[Any]:
-        """``row``'s values in column order, as the driver receives them."""
-        return [
-            value if process is None or value is None else process(value)
-            for value, process in zip(
-                (row[name] for name in self.columns), self._processors, strict=True
+    def _cast(self, position: int, array: bool) -> str:
+        sql_type, is_json = self._types[position]
+        suffix = "[]" if array else ""
+        if is_json:  # sent as text (see _json_text)
+            return f"CAST(CAST(%b AS TEXT{suffix}) AS {sql_type}{suffix})"
+        return f"CAST(%b AS {sql_type}{suffix})"
+
+    def _unnest_statement(self, constant: tuple[bool, ...]) -> str:
+        sql = self._pg_sql.get(constant)
+        if sql is None:
+            varying = [i for i, same in enumerate(constant) if not same]
+            select = ", ".join(
+                self._cast(i, array=False) if same else f"u.c{i}" for i, same in enumerate(constant)
             )
-        ]
+            arrays = ", ".join(self._cast(i, array=True) for i in varying)
+            names = ", ".join(f"c{i}" for i in varying)
+            sql = self._pg_sql[constant] = (
+                self._head.replace(" VALUES ", " ")
+                + f"SELECT {select} FROM unnest({arrays}) AS u({names})"
+                + self._tail
+            )
+        return sql
+
+    def _unnest_params(self, chunk: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
+        columns = [list(column) for column in zip(*chunk, strict=True)]
+        constant = [all(v == column[0] for v in column) for column in columns]
+        constant[0] = False  # unnest needs at least one array (the rows' count)
+        scalars = [column[0] for column, same in zip(columns, constant, strict=True) if same]
+        arrays = [column for column, same in zip(columns, constant, strict=True) if not same]
+        return self._unnest_statement(tuple(constant)), scalars + arrays
 
     def convert_many(self, rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
-        """``convert`` for many rows, converting each distinct time only once: a burst's rows
-        share a few moments (the tick, the moment of recording)."""
+        """``rows``' values in column order, as the driver receives them, converting each
+        distinct time only once (a burst's rows share a few: the tick, the moment of
+        recording)."""
         memo: dict[tuple[int, datetime], Any] = {}
         out: list[list[Any]] = []
         for row in rows:
@@ -117,7 +141,7 @@ class BulkInsert:
         return out
 
     def stamp(self, rows: Sequence[list[Any]], values: dict[str, Any]) -> None:
-        """Set ``values`` (column -> value) in ``convert``-ed ``rows``, in place."""
+        """Set ``values`` (column -> value) in ``convert_many``-ed ``rows``, in place."""
         for name, value in values.items():
             position = self.columns.index(name)
             process = self._processors[position]
@@ -126,16 +150,15 @@ class BulkInsert:
                 row[position] = converted
 
     def execute(self, db: sa.Connection, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
-        """Insert ``convert``-ed rows; the ``returning`` values of the rows inserted."""
+        """Insert ``convert_many``-ed rows; the ``returning`` values of the rows inserted."""
         returned: list[tuple[Any, ...]] = []
         cursor = db.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             for start in range(0, len(rows), self.chunk):
                 chunk = rows[start : start + self.chunk]
                 if self._by_column:
-                    columns = [list(column) for column in zip(*chunk, strict=True)]
-                    # binary (%b): arrays dumped in C, not quoted by regular expressions
-                    cursor.execute(self._sql[0], columns)
+                    # binary (%b): no quoting of text by regular expressions either
+                    cursor.execute(*self._unnest_params(chunk))
                 else:
                     cursor.execute(self._statement(len(chunk)), [v for row in chunk for v in row])
                 if self._returning:

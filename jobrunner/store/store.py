@@ -1377,7 +1377,7 @@ class Store:
         ]
         converted = writers.fires.convert_many(fire_rows)
         inserted = {(r[1], r[2]): int(r[0]) for r in writers.fires.execute(db, converted)}
-        # (schedule, scheduled_for) as the driver returns it is what convert() sent.
+        # (schedule, scheduled_for) as the driver returns it is what convert_many() sent.
         keys = [(values[0], values[1]) for values in converted]
         ours = [i for i, key in enumerate(keys) if key in inserted]
         lost = [run_rows[i]["id"] for i in run_rows if keys[i] not in inserted]
