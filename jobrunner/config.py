@@ -26,6 +26,43 @@ def jobrunner_home(environ: Mapping[str, str] | None = None) -> Path:
     return Path(raw).expanduser() if raw else Path.home() / ".jobrunner"
 
 
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` and any missing parents readable by their owner only (0700).
+
+    Directories that already exist keep their mode: one the user made (and perhaps shares) is
+    not changed behind their back. Raises ``OSError`` like ``Path.mkdir``.
+    """
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # another process made it meanwhile: its mode is its maker's choice
+        # mkdir's mode is filtered by the umask, which can only take bits away; a umask of
+        # 0 must not leave the group or others anything either.
+        os.chmod(directory, 0o700)
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a directory")
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists (an existing file keeps its mode)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def _has_fly_token(env: Mapping[str, str]) -> bool:
     return bool(env.get("FLY_API_TOKEN") or env.get("FLY_ACCESS_TOKEN"))
 

@@ -10,9 +10,11 @@ Design (no task or thread per machine; a follower is a small record):
 * **Stream per app.** ``run()`` starts one poll task per app while the app has followers. It pages
   ``get_logs(app=app, next_token=token)`` with no instance filter until a page comes back empty
   or repeats the token, then sleeps ``poll_interval``. Entries are routed by ``entry.instance``.
-  Each follower's lines of one page are masked with its own masker and stored with ONE
-  ``add_logs`` call, then streamed as ``RunEvent(kind="log")`` (a line seen
-  twice at a page edge is streamed once). When the app's last follower is dropped, the task ends.
+  Each follower's lines of one page are masked with its own ``StreamMasker`` (a secret cut
+  across two lines included: a line that may end with a secret's beginning waits up to
+  ``logsync.HOLD_SECONDS`` for the next line of its stream) and stored with ONE ``add_logs``
+  call, then streamed as ``RunEvent(kind="log")`` (a line seen twice at a page edge is streamed
+  once). When the app's last follower is dropped, the task ends.
 * **Start token.** A stream starts at ``token_for(earliest since - START_MARGIN)`` of the followers
   it was started for: without a token the API answers only the newest 100 lines.
 * **Lines of instances nobody follows yet** (a machine prints before its create call returned to
@@ -48,7 +50,14 @@ from anyio.abc import TaskGroup
 
 from jobrunner.clock import SYSTEM_CLOCK, Clock
 from jobrunner.events import EventHandler, RunEvent
-from jobrunner.logsync import START_MARGIN, SecretMasker, parse_ts, stream_of, token_for
+from jobrunner.logsync import (
+    START_MARGIN,
+    SecretMasker,
+    StreamMasker,
+    parse_ts,
+    stream_of,
+    token_for,
+)
 from jobrunner.machines import AsyncMachinesClient
 from jobrunner.machines.errors import BadRequest, MachinesError, NotFound, Unauthorized
 from jobrunner.machines.logs import MAX_CONSECUTIVE_ERRORS
@@ -126,11 +135,21 @@ class _Follower:
     done: anyio.Event | None = None  # made on first drained(): needs a running event loop
     dropped: bool = False
     store_warned: bool = False
+    # Masks this machine's lines, secrets cut across two lines included (logsync.StreamMasker).
+    masking: StreamMasker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.masking = StreamMasker(self.masker)
 
     def hold(self, entries: Iterable[LogEntry]) -> None:
         self.backlog.extend(entries)
         if len(self.backlog) > BACKLOG_LINES:
             del self.backlog[: len(self.backlog) - BACKLOG_LINES]
+
+    def keep_first(self, entries: list[LogEntry]) -> None:
+        """Put lines that could not be stored back in front, for the next flush."""
+        self.backlog[:0] = entries
+        del self.backlog[: max(0, len(self.backlog) - BACKLOG_LINES)]
 
 
 @dataclass(frozen=True)
@@ -319,7 +338,7 @@ class LogFanout:
             if self._clock.monotonic() >= stream.next_fetch:
                 await self._round(stream)
             await self._flush(stream)
-            for follower in self._end_drains(stream):
+            for follower in await self._end_drains(stream):
                 await self._copied(follower)
             if not stream.followers:
                 # No await since the check: a follow() cannot slip in between.
@@ -461,22 +480,25 @@ class LogFanout:
         return stream.evicted_wall is not None and stream.evicted_wall >= since.timestamp()
 
     async def _flush(self, stream: _Stream) -> None:
-        """Store and stream the backlog of every follower that has one (and is not held)."""
+        """Store and stream the backlog of every follower that has one (and is not held), and
+        the lines the masker held back long enough for a continuation that did not come."""
         pending, stream.dirty = stream.dirty, set()
+        now = self._clock.monotonic()
+        pending.update(m for m, f in stream.followers.items() if f.masking.expired(now))
         for machine_id in pending:
             follower = stream.followers.get(machine_id)
-            if follower is None or follower.catching_up or not follower.backlog:
+            if follower is None or follower.catching_up:
+                continue
+            if not follower.backlog and not follower.masking.expired(now):
                 continue
             batch, follower.backlog = follower.backlog, []
             if await self._deliver(follower, batch):
                 follower.skip_before = None  # the lines held during a catch-up are through
             else:
-                # Keep them, in order, for the next flush; lines routed meanwhile go behind.
-                follower.backlog[:0] = batch
-                del follower.backlog[: max(0, len(follower.backlog) - BACKLOG_LINES)]
+                # _deliver kept them, in order, for the next flush.
                 stream.dirty.add(machine_id)
 
-    def _end_drains(self, stream: _Stream) -> list[_Follower]:
+    async def _end_drains(self, stream: _Stream) -> list[_Follower]:
         """Drop the followers whose drain is over; those whose lines are all stored."""
         now = self._clock.monotonic()
         copied: list[_Follower] = []
@@ -485,6 +507,9 @@ class LogFanout:
                 continue
             deadline = follower.exited_at + self._grace
             if now >= deadline and self._drain_complete(stream, follower, deadline, now):
+                if follower.masking.holding:
+                    # The stream ended: no continuation will come for a line held back.
+                    await self._deliver(follower, [], release_all=True)
                 if not follower.backlog and self._read_to_the_end(stream, follower, deadline):
                     copied.append(follower)
                 self._drop(stream, follower)
@@ -600,20 +625,30 @@ class LogFanout:
 
     # -- delivery ---------------------------------------------------------------------------
 
-    async def _deliver(self, follower: _Follower, entries: list[LogEntry]) -> bool:
-        """Store ``entries`` in one ``add_logs`` call, then stream the ones not streamed yet.
+    async def _deliver(
+        self, follower: _Follower, entries: list[LogEntry], *, release_all: bool = False
+    ) -> bool:
+        """Mask ``entries``, store the ones the masker lets go in one ``add_logs`` call, then
+        stream the ones not streamed yet. A line that may end with the beginning of a secret
+        waits in the masker for the next line of its stream (``release_all``: the stream ended).
 
-        False when the store failed (nothing is streamed then; the caller keeps the lines).
+        False when the store failed: nothing is streamed then, and the lines go back in front
+        of the follower's backlog.
         """
+        now = self._clock.monotonic()
+        ready = follower.masking.feed(entries, now)
+        ready += follower.masking.release(now, everything=release_all)
+        if not ready:
+            return True
         lines = [
             LogLineIn(
                 # Without an id, the store derives one from the time, stream and whole text.
                 entry_id=e.id or None,
                 ts=parse_ts(e.timestamp),
                 stream=stream_of(e),
-                message=follower.masker.mask(e.message),
+                message=masked,
             )
-            for e in entries
+            for e, masked in ready
         ]
         try:
             await self._add_logs(follower.run_id, follower.attempt, lines)
@@ -622,6 +657,8 @@ class LogFanout:
             log = logger.debug if follower.store_warned else logger.warning
             log("storing log lines of run %s failed: %r", follower.run_id, exc)
             follower.store_warned = True
+            # Fed again later, the masker gives each the same text (held ones stay held).
+            follower.keep_first([e for e, _ in ready])
             return False
         for line in lines:
             key = line.key()

@@ -54,7 +54,14 @@ from typing import Any, Literal
 import anyio.to_thread
 
 from jobrunner.clock import SYSTEM_CLOCK, Clock
-from jobrunner.logsync import START_MARGIN, SecretMasker, parse_ts, stream_of, token_for
+from jobrunner.logsync import (
+    START_MARGIN,
+    SecretMasker,
+    mask_entries,
+    parse_ts,
+    stream_of,
+    token_for,
+)
 from jobrunner.machines import (
     AsyncMachinesClient,
     LeaseError,
@@ -678,15 +685,15 @@ class _Importer:
                 }
             )
             lower, upper = windows[run.key, number]
+            mine = [e for e in entries if lower < parse_ts(e.timestamp) <= upper]
             logs[number] = [
                 LogLineIn(
                     ts=parse_ts(e.timestamp),
-                    message=masker.mask(e.message),
+                    message=text,  # masked, secrets cut across two lines included
                     stream=stream_of(e),
                     entry_id=e.id or None,
                 )
-                for e in entries
-                if lower < parse_ts(e.timestamp) <= upper
+                for e, text in zip(mine, mask_entries(masker, mine), strict=True)
             ]
         last = fields[-1]
         restart = config.restart or Restart()

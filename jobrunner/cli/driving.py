@@ -14,12 +14,13 @@ from rich.markup import escape
 from jobrunner.cli import exitcodes
 from jobrunner.cli.common import err, print_json
 from jobrunner.cli.render import run_dict, styled_state
-from jobrunner.config import Settings
+from jobrunner.config import Settings, make_private_dir
 from jobrunner.durations import format_duration
-from jobrunner.errors import JobrunnerError
+from jobrunner.errors import ConfigError, JobrunnerError
 from jobrunner.events import RunEvent
 from jobrunner.runner import TERMINAL, Runner, sole_error
 from jobrunner.store import Run
+from jobrunner.store.engine import is_in_memory_url, mask_url
 
 
 class RunInterrupted(JobrunnerError):
@@ -58,17 +59,35 @@ class TerminalPrinter:
         err.print(f"[dim]jobrunner:[/] {escape(label + event.message)}")
 
 
+def ensure_shared_ledger(settings: Settings, action: str, *, instead: str = "") -> None:
+    """Refuse to ``action`` when the ledger lives in this process's memory only.
+
+    A run handed to another process (a detached driver, a worker) must be in a ledger that
+    process can open: with ``JOBRUNNER_DATABASE_URL=sqlite://`` it would never see the run.
+    """
+    if settings.database_url is not None and is_in_memory_url(settings.database_url):
+        raise ConfigError(
+            f"cannot {action}: JOBRUNNER_DATABASE_URL={mask_url(settings.database_url)!r} is "
+            "an in-memory ledger that no other process can see; set JOBRUNNER_DATABASE_URL "
+            f"to a file (sqlite:///path/jobrunner.db) or PostgreSQL{instead}"
+        )
+
+
 def spawn_driver(run_id: str, settings: Settings) -> None:
     """Hand a run to a detached background process that drives it to its outcome.
 
     The child inherits this environment (so the job's secrets reach a retry) but none of this
     process's standard streams: its output goes to a log file under JOBRUNNER_HOME.
     """
+    ensure_shared_ledger(settings, "hand the run to a background process")
     log_dir = settings.home / "drivers"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    # The driver's output holds the job's (masked) log lines: its owner's eyes only.
+    make_private_dir(log_dir)
     argv = [sys.executable, "-m", "jobrunner", "runs", "drive", run_id]
     argv += ["--backend", settings.backend, "--app", settings.app]
-    with open(log_dir / f"{run_id}.log", "ab") as log:
+    log_path = log_dir / f"{run_id}.log"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    with open(os.open(log_path, flags, 0o600), "ab") as log:
         subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -85,8 +104,11 @@ class DriveResult:
     detached: bool
 
 
-async def drive_interactively(runner: Runner, run_id: str, *, announce: bool) -> DriveResult:
-    """Drive ``run_id``; the first Ctrl-C cancels the run, a second one detaches."""
+async def drive_interactively(
+    runner: Runner, run_id: str, *, announce: bool, can_detach: bool = True
+) -> DriveResult:
+    """Drive ``run_id``; the first Ctrl-C cancels the run, a second one detaches (unless
+    ``can_detach`` is False: with an in-memory ledger no other process could take it over)."""
     result = DriveResult(run=None, detached=False)
     try:
         async with anyio.create_task_group() as tg:
@@ -107,6 +129,12 @@ async def drive_interactively(runner: Runner, run_id: str, *, announce: bool) ->
                                 err.print(
                                     "[yellow]cancelling the run[/] (press Ctrl-C again to detach)"
                                 )
+                        elif not can_detach:
+                            err.print(
+                                "[yellow]cannot detach[/]: the ledger is in this process's "
+                                "memory (JOBRUNNER_DATABASE_URL=sqlite://); waiting for the "
+                                "cancel to finish"
+                            )
                         else:
                             result.detached = True
                             tg.cancel_scope.cancel()

@@ -17,6 +17,7 @@ from jobrunner.cli.driving import (
     RunInterrupted,
     TerminalPrinter,
     drive_interactively,
+    ensure_shared_ledger,
     report,
     spawn_driver,
 )
@@ -29,6 +30,7 @@ from jobrunner.session import open_runner, open_store
 from jobrunner.spec import MISSING, Job, JobSpecError, Problem, load_job
 from jobrunner.spec.text import UTF8_FIX, printable, utf8_problem
 from jobrunner.store import LogLine
+from jobrunner.store.engine import is_in_memory_url
 
 
 def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -92,6 +94,9 @@ def run_command(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--timeout") from exc
     job = load_job(job_ref, jobs_dir=jobs_dir).with_overrides(env=overrides, timeout=timeout_s)
+    if detach:
+        # Refused before anything is submitted: the detached driver could never see the run.
+        ensure_shared_ledger(settings, "run with --detach", instead=", or run without --detach")
     code = anyio.run(_run, settings, job, detach, ctx.json)
     sys.exit(code)
 
@@ -110,7 +115,12 @@ async def _run(settings: Settings, job: Job, detach: bool, as_json: bool) -> int
                 err.print(f"[dim]jobrunner:[/] follow it with: jobrunner logs --follow {run.id}")
             return exitcodes.OK
         try:
-            result = await drive_interactively(runner, run.id, announce=not as_json)
+            result = await drive_interactively(
+                runner,
+                run.id,
+                announce=not as_json,
+                can_detach=not is_in_memory_url(settings.database_url or ""),
+            )
         except JobrunnerError as exc:
             raise RunInterrupted(run.id, exc) from exc
         if result.detached:

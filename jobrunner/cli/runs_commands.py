@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from jobrunner.cli import exitcodes
 from jobrunner.cli.common import CliContext, common_options, err, out, print_json, utf8_flag
-from jobrunner.cli.driving import TerminalPrinter, report
+from jobrunner.cli.driving import TerminalPrinter, ensure_shared_ledger, report
 from jobrunner.cli.render import run_detail, run_dict, runs_table
 from jobrunner.config import Settings
 from jobrunner.events import RunEvent
@@ -143,6 +143,7 @@ def retry_command(run_id: str, attempts: int | None, ctx: CliContext) -> None:
     from jobrunner.wakeup import notify
 
     settings = ctx.settings()
+    ensure_shared_ledger(settings, "queue a run for a worker")
     store = open_store(settings)
     try:
         run = store.get_run(run_id)  # RunNotFound / ambiguous: exit 2

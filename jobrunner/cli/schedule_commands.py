@@ -15,6 +15,7 @@ from rich.table import Table
 
 from jobrunner.cli import exitcodes
 from jobrunner.cli.common import CliContext, common_options, err, out, print_json
+from jobrunner.cli.driving import ensure_shared_ledger
 from jobrunner.cli.jobs_commands import JOBS_DIR
 from jobrunner.config import Settings
 from jobrunner.session import open_store
@@ -270,6 +271,7 @@ def trigger_command(name: str, jobs_dir: Path, ctx: CliContext) -> None:
             param_hint="JOB",
         )
     settings = ctx.settings()
+    ensure_shared_ledger(settings, "queue a run for a worker")
     store = open_store(settings)
     try:
         scheduler = Scheduler(store, backend=settings.backend, app=settings.app, jobs=[job])

@@ -9,14 +9,16 @@ anything unexpected as 500 with the details in the server log, never a bare trac
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from jobrunner.local import ids
 from jobrunner.local.apierror import ApiError, bad_request
@@ -32,6 +34,7 @@ from jobrunner.local.faults import (
 )
 from jobrunner.local.leases import NONCE_HEADER
 from jobrunner.local.validate import parse_body, parse_bool, parse_json_object
+from jobrunner.local.volumes import volume_routes
 from jobrunner.local.waiting import parse_wait_query, wait_for_state
 from jobrunner.machines.models import (
     CreateAppRequest,
@@ -44,11 +47,16 @@ from jobrunner.machines.models import (
 if TYPE_CHECKING:
     from jobrunner.local.backend import LocalBackend
 
-__all__ = ["build_app"]
+__all__ = ["MAX_BODY_BYTES", "build_app"]
 
 logger = logging.getLogger("jobrunner.local")
 
 UNAUTHENTICATED = {"error": "Authenticate: token validation error"}
+# The largest request body taken (docs/local-backend.md, "Limits"): a machine config with its
+# files (each at most validate.MAX_FILE_BYTES) fits; a refused body is read and dropped up to
+# MAX_DRAINED_BYTES so the client sees the 413, then the connection is closed.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_DRAINED_BYTES = 256 * 1024 * 1024
 _OPEN_PATHS = ("/healthz",)
 _MACHINE = "/v1/apps/{app}/machines/{machine_id}"
 
@@ -84,6 +92,7 @@ def build_app(backend: LocalBackend) -> ASGIApp:
         Route(_MACHINE + "/metadata/{key}", api.set_metadata, methods=["POST"]),
         Route(_MACHINE + "/metadata/{key}", api.delete_metadata, methods=["DELETE"]),
         Route("/api/v1/apps/{app}/logs", api.logs, methods=["GET"]),
+        *volume_routes(backend.service.volumes),
     ]
     if backend.settings.admin:
         routes += [
@@ -100,7 +109,7 @@ def build_app(backend: LocalBackend) -> ASGIApp:
         lifespan=backend.lifespan,
     )
     faulty = FaultMiddleware(starlette, backend.faults, exempt=("/healthz", "/_admin"))
-    return _RequestId(_TokenAuth(faulty, backend.settings.token))
+    return _RequestId(_TokenAuth(_BodyLimit(faulty), backend.settings.token))
 
 
 class _Api:
@@ -302,8 +311,32 @@ class _Api:
         return _json({"now": now.isoformat()})
 
 
+class _SafeJSONResponse(JSONResponse):
+    """JSON that always renders: a stored string that UTF-8 cannot encode (a lone surrogate,
+    which requests are refused for, but a record written before that check may hold one) is
+    sent ``\\u``-escaped, and a non-finite float as null, instead of failing every read."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except (UnicodeEncodeError, ValueError):
+            logger.warning("an answer held text or numbers JSON cannot carry; sent escaped")
+            text = json.dumps(_finite(content), ensure_ascii=True, separators=(",", ":"))
+            return text.encode("ascii")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _json(content: Any, status: int = 200) -> Response:
-    return JSONResponse(content, status_code=status)
+    return _SafeJSONResponse(content, status_code=status)
 
 
 def _path(request: Request, name: str) -> str:
@@ -346,15 +379,118 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         )
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
+        # Starlette's allow header names only the first route matching the path; a path served
+        # by several routes (one per method) takes all of their methods.
+        allowed = _allowed_methods(request)
+        if allowed:
+            return JSONResponse(
+                {"error": message}, status_code=405, headers={"allow": ", ".join(allowed)}
+            )
     else:
         message = str(exc.detail)
     return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes on the request's path (HEAD wherever GET is)."""
+    methods: set[str] = set()
+    router = request.scope.get("router")
+    for route in getattr(router, "routes", []):
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches({**request.scope, "method": "GET", "type": "http"})
+            if match is not Match.NONE:
+                methods |= route.methods
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     body = {"error": f"internal error of the local backend ({type(exc).__name__}); see server.log"}
     return JSONResponse(body, status_code=500)
+
+
+class _BodyLimit:
+    """Refuses request bodies over ``MAX_BODY_BYTES`` with 413, counting bytes as they arrive.
+
+    A body announced larger (``Content-Length``) is refused before any of it is read; one that
+    turns out larger while read (chunked) is refused as soon as it passes the limit, so the
+    server never holds more than the limit of one body. Either way the rest is read and thrown
+    away (up to ``MAX_DRAINED_BYTES``) before answering, so that the client, still sending, gets
+    the 413 instead of a reset connection; beyond that the connection is closed.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self._app = app
+        self._limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        announced = _content_length(scope)
+        if announced is not None and announced > self._limit:
+            await _drain(receive, 0)
+            await _send_too_large(send, self._limit)
+            return
+        received = 0
+
+        async def counting() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self._limit:
+                    if message.get("more_body", False):
+                        await _drain(receive, received)
+                    raise ApiError(413, _too_large_message(self._limit))
+            return message
+
+        await self._app(scope, counting, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value[:20])
+            except ValueError:
+                return None
+    return None
+
+
+async def _drain(receive: Receive, received: int) -> None:
+    """Read and drop the rest of a refused body (at most MAX_DRAINED_BYTES in all)."""
+    while received <= MAX_DRAINED_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        received += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+def _too_large_message(limit: int) -> str:
+    return (
+        f"request body larger than {limit // 1048576} MiB, the local backend's limit: send "
+        "less (large files belong in the image or a volume, not in config.files)"
+    )
+
+
+async def _send_too_large(send: Send, limit: int) -> None:
+    body = json.dumps({"error": _too_large_message(limit)}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class _TokenAuth:

@@ -40,7 +40,9 @@ def make_state_dir(state_dir: Path) -> None:
     It holds the token, the machines' configs (their ``env`` carries job secrets) and their
     output. An existing directory keeps its mode: it may be one the user chose and shares.
     """
-    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not state_dir.parent.exists():
+        # JOBRUNNER_HOME made by us (the ledger lives there too): its owner's only.
+        state_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     state_dir.mkdir(mode=0o700, exist_ok=True)
 
 

@@ -24,11 +24,12 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from jobrunner.local.apierror import ApiError, bad_request, unprocessable
-from jobrunner.local.supervisor import resolve_argv
 from jobrunner.machines.models import File, Guest, MachineConfig, Restart
 
 __all__ = [
     "MAX_BODY_DEPTH",
+    "MAX_FILE_BYTES",
+    "MAX_INT_DIGITS",
     "RESTART_POLICIES",
     "SCHEDULES",
     "parse_body",
@@ -84,48 +85,119 @@ _DURATION_UNITS = {
 # would otherwise fail later, with a 500, in the decoder or in the models' serialiser.
 MAX_BODY_DEPTH = 64
 _TOO_DEEP = f"request body nests lists/objects more than {MAX_BODY_DEPTH} levels deep: flatten it"
+# JSON numbers: Fly's fields are Go int64/uint64 and float64.
+MAX_INT_DIGITS = 20
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# The decoded bytes of one config.files entry (raw_value is base64, a third larger). Keep in
+# step with jobrunner.spec.files.MAX_FILE_BYTES, which refuses such files at load time.
+MAX_FILE_BYTES = 4 * 1024 * 1024
 # A bare number is seconds per DOC, but fly-go's parser reads numbers as nanoseconds. No one
 # means a stop grace period of 11 days, so numbers this large are taken as nanoseconds.
 _NANOSECOND_THRESHOLD = 1_000_000
 
 
+class _BadNumber(ValueError):
+    """A JSON number no Machines API field can hold (raised from inside the decoder)."""
+
+
+def _parse_int(text: str) -> int:
+    # Checked before int(): Python refuses to convert more than 4,300 digits (a ValueError that
+    # used to surface as a 500), and fields are 64-bit on Fly (Go) anyway.
+    digits = len(text) - (text[0] == "-")
+    if digits > MAX_INT_DIGITS or not _INT_MIN <= (value := int(text)) <= _INT_MAX:
+        shown = text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"
+        raise _BadNumber(f"the number {shown} is out of range: whole numbers must fit in 64 bits")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        shown = text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"
+        raise _BadNumber(f"the number {shown} is out of range for a 64-bit float")
+    return value
+
+
+def _parse_constant(name: str) -> float:
+    # Python's decoder takes NaN and Infinity; JSON has neither, and answers holding one would
+    # not be JSON either.
+    raise _BadNumber(f"{name} is not a JSON number")
+
+
 def parse_json_object(raw: bytes, *, required: bool = True) -> dict[str, Any]:
     """Decode a JSON object request body; 400 when it is empty (and required), not JSON, not
-    an object, or nested deeper than ``MAX_BODY_DEPTH``. An empty optional body is ``{}``."""
+    an object, nested deeper than ``MAX_BODY_DEPTH``, holding a number no field can take or a
+    string that is not valid Unicode (``"\\ud800"``). An empty optional body is ``{}``.
+
+    Whatever passes can be stored, and answered back as JSON, without failing.
+    """
     if not raw.strip():
         if required:
             raise bad_request("request body is empty: send a JSON object")
         return {}
     try:
-        data = json.loads(raw)
+        data = json.loads(
+            raw,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_parse_constant,
+        )
+    except _BadNumber as exc:
+        raise bad_request(f"request body: {exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
     except RecursionError:  # the decoder gives up on very deep nesting before any check of ours
         raise bad_request(_TOO_DEEP) from None
     if not isinstance(data, dict):
         raise bad_request(f"request body must be a JSON object, not {type(data).__name__}")
-    if _nesting_depth(data) > MAX_BODY_DEPTH:
-        raise bad_request(_TOO_DEEP)
+    _check_tree(data)
     return data
 
 
-def _nesting_depth(value: object) -> int:
-    """How deeply lists and objects nest in ``value`` (iterative: no recursion limit to hit)."""
-    deepest = 0
-    pending: list[tuple[object, int]] = [(value, 1)]
+def _check_tree(value: object) -> None:
+    """400 when lists and objects nest more than ``MAX_BODY_DEPTH`` deep, or a key or string
+    holds a lone surrogate (JSON's ``\\ud800`` escape decodes to one; it cannot be encoded as
+    UTF-8, so storing it would make every later answer holding it fail). Iterative: no
+    recursion limit to hit."""
+    pending: list[tuple[object, int, tuple[str | int, ...]]] = [(value, 1, ())]
     while pending:
-        item, depth = pending.pop()
+        item, depth, path = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                raise bad_request(_surrogate_message(path, "value"))
+            continue
         if isinstance(item, dict):
-            children: Iterable[object] = item.values()
+            children: Iterable[tuple[str | int, object]] = item.items()
+            for key in item:
+                if not key.isascii() and _SURROGATE.search(key):
+                    raise bad_request(_surrogate_message((*path, key), "key"))
         elif isinstance(item, list):
-            children = item
+            children = enumerate(item)
         else:
             continue
-        deepest = max(deepest, depth)
-        if deepest > MAX_BODY_DEPTH:
-            break  # enough to refuse it; no need to walk the rest
-        pending.extend((child, depth + 1) for child in children)
-    return deepest
+        if depth > MAX_BODY_DEPTH:
+            raise bad_request(_TOO_DEEP)
+        pending.extend((child, depth + 1, (*path, key)) for key, child in children)
+
+
+def _surrogate_message(path: tuple[str | int, ...], what: str) -> str:
+    field = _field_name(path)
+    return (
+        f"{field}: the {what} is not valid Unicode text (it holds a lone surrogate such as "
+        "\\ud800, which cannot be encoded as UTF-8): send UTF-8 text only"
+    )
+
+
+def _field_name(path: tuple[str | int, ...]) -> str:
+    parts: list[str] = []
+    for part in path:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        else:
+            shown = part.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+            parts.append(("." if parts else "") + shown)
+    return "".join(parts) or "body"
 
 
 def parse_body(raw: bytes, model: type[M], *, required: bool = True) -> M:
@@ -172,15 +244,8 @@ def validate_config(config: MachineConfig) -> MachineConfig:
             parse_duration(
                 config.stop_config.timeout, field="config.stop_config.timeout", status=422
             )
-    init = config.init
-    try:
-        resolve_argv(
-            init.exec if init else None,
-            init.entrypoint if init else None,
-            init.cmd if init else None,
-        )
-    except ValueError as exc:  # the image is recorded, never pulled: its own CMD is unknown
-        raise unprocessable(f"config.init: {exc}") from None
+    # No init command is fine, as on Fly (image is the only required field): the image's own
+    # ENTRYPOINT/CMD come from the local image catalog at boot (images.py).
     return config.model_copy(
         update={
             "guest": guest,
@@ -258,6 +323,13 @@ def _validate_file(index: int, file: File) -> File:
     if (file.raw_value is None) == (file.secret_name is None):
         raise unprocessable(f"{field}: set exactly one of raw_value and secret_name")
     if file.raw_value is not None:
+        decoded = len(file.raw_value) // 4 * 3
+        if decoded > MAX_FILE_BYTES:
+            raise ApiError(
+                413,
+                f"{field}.raw_value holds about {decoded / 1048576:.1f} MiB; a file may hold at "
+                f"most {MAX_FILE_BYTES // 1048576} MiB: put larger data in a volume or the image",
+            )
         try:
             base64.b64decode(file.raw_value, validate=True)
         except (binascii.Error, ValueError):

@@ -1,15 +1,18 @@
 """``[[files]]`` entries: files placed inside the machine before the command starts.
 
 Each entry has an absolute ``guest_path`` and exactly one source: ``content`` (text in the job
-file), ``source`` (a local file, relative to the job file's folder, read at load time and sent
-base64) or ``secret_name`` (a Fly app secret holding base64). The bytes of ``content`` and
-``source`` files are kept in ``raw_value``, so a run's snapshot replays without the local file.
+file), ``source`` (a local file, relative to the job file's folder and inside it or a folder of
+``$JOBRUNNER_FILES_ROOT``, read at load time and sent base64) or ``secret_name`` (a Fly app
+secret holding base64). The bytes of ``content`` and ``source`` files are kept in ``raw_value``,
+so a run's snapshot replays without the local file.
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,12 @@ from jobrunner.machines.models import File
 from jobrunner.spec.problems import Utf8Str, spec_error
 from jobrunner.spec.text import utf8_problem
 
-__all__ = ["FILE_KEYS", "JobFile"]
+__all__ = ["FILES_ROOT_VARIABLE", "FILE_KEYS", "MAX_FILE_BYTES", "JobFile", "files_roots"]
+
+# Extra folders (besides the job file's own) that ``source`` files may be read from.
+FILES_ROOT_VARIABLE = "JOBRUNNER_FILES_ROOT"
+# The most bytes one file may hold (the local backend refuses more: local/validate.py).
+MAX_FILE_BYTES = 4 * 1024 * 1024
 
 # The keys a user may write in a [[files]] entry (raw_value is jobrunner's own).
 FILE_KEYS = ("guest_path", "content", "source", "secret_name", "mode")
@@ -137,16 +145,49 @@ class JobFile(BaseModel):
         return data
 
 
+def files_roots(base_dir: Path | None, environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The folders ``source`` files may come from: the job file's folder (the current folder
+    for a job built without one) and each folder of ``$JOBRUNNER_FILES_ROOT`` (``:``-separated,
+    absolute), all with symlinks resolved."""
+    env = os.environ if environ is None else environ
+    roots = [(base_dir or Path.cwd()).resolve()]
+    for raw in (env.get(FILES_ROOT_VARIABLE) or "").split(os.pathsep):
+        if raw.strip():
+            roots.append(Path(raw.strip()).expanduser().resolve())
+    return roots
+
+
 def _resolve(source: str, base_dir: Path | None) -> Path:
+    """The real path of ``source``, which must lie inside one of :func:`files_roots`.
+
+    Like a container build context: a job file must not pick up any file of the computer it is
+    loaded on (``../../etc/passwd``, or a symlink pointing out of the folder).
+    """
     path = Path(source).expanduser()
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
-    return path
+    if not path.is_absolute():
+        path = (base_dir or Path.cwd()) / path
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise spec_error(
+            f"cannot resolve {str(path)!r}: {exc}", "fix the path or the symlink", key="source"
+        ) from None
+    roots = files_roots(base_dir)
+    if not any(real.is_relative_to(root) for root in roots):
+        where = str(roots[0]) + (" or " + ", ".join(map(str, roots[1:])) if roots[1:] else "")
+        raise spec_error(
+            f"{str(real)!r} is outside the job file's folder ({where})",
+            "move the file next to the job file, or allow its folder explicitly with "
+            f"{FILES_ROOT_VARIABLE}=/that/folder",
+            key="source",
+        )
+    return real
 
 
 def _read_source(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise spec_error(
             f"file not found: {str(path)!r}",
@@ -163,3 +204,11 @@ def _read_source(path: Path) -> bytes:
             "check the file's permissions",
             key="source",
         ) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise spec_error(
+            f"{str(path)!r} is larger than {MAX_FILE_BYTES // 1048576} MiB, the most a file "
+            "may hold",
+            "put large data in the image or a volume",
+            key="source",
+        )
+    return data

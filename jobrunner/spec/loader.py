@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from jobrunner.spec.job import Job
 from jobrunner.spec.problems import MISSING, JobNotFound, JobSpecError, Problem
+from jobrunner.spec.tomlguard import parse_toml, read_job_text
 
 __all__ = ["DEFAULT_JOBS_DIR", "discover_jobs", "load_job", "resolve_job_path"]
 
 DEFAULT_JOBS_DIR = Path("jobs")
-_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
 
 
 def load_job(
@@ -108,10 +106,10 @@ def resolve_job_path(path_or_name: str | Path, *, jobs_dir: Path | None = None) 
 
 
 def _declared_name(path: Path) -> str:
-    """The job name a file declares, or its stem (unreadable files count by stem)."""
+    """The job name a file declares, or its stem (unreadable or invalid files count by stem)."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        data = _read_toml(path, str(path))
+    except JobSpecError:  # JobNotFound too
         return path.stem
     name = data.get("name")
     return name if isinstance(name, str) else path.stem
@@ -125,25 +123,5 @@ def _load_file(path: Path, *, environ: Mapping[str, str] | None) -> Job:
 
 
 def _read_toml(path: Path, label: str) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise JobSpecError(
-            [Problem(label, "", MISSING, f"not UTF-8 text ({exc.reason})", "save it as UTF-8")]
-        ) from None
-    except OSError as exc:
-        raise JobNotFound(
-            [Problem(label, "", MISSING, f"cannot read the job file: {exc.strerror}", "check it")]
-        ) from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        message = str(exc)
-        line = column = None
-        position = _TOML_POSITION.search(message)
-        if position is not None:
-            line, column = int(position.group(1)), int(position.group(2))
-            message = message[: position.start()]
-        fix = "fix the TOML syntax there" if line else "fix the TOML syntax"
-        problem = Problem(label, "", MISSING, f"invalid TOML: {message}", fix, line, column)
-        raise JobSpecError([problem]) from None
+    # Size and shape are checked before tomllib sees the text (spec/tomlguard.py).
+    return parse_toml(read_job_text(path, label), label)

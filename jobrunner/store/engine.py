@@ -11,6 +11,7 @@ PostgreSQL URLs (``postgresql://`` or ``postgres://``) are normalised to the psy
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -24,7 +25,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-from jobrunner.config import jobrunner_home
+from jobrunner.config import create_private_file, jobrunner_home, make_private_dir
 from jobrunner.store.errors import (
     StoreBusy,
     StoreConnectionError,
@@ -36,6 +37,7 @@ __all__ = [
     "READ_OPTION",
     "create_store_engine",
     "default_url",
+    "is_in_memory_url",
     "mask_url",
     "normalise_url",
     "resolve_url",
@@ -115,6 +117,23 @@ def create_store_engine(url: str) -> Engine:
     )
 
 
+def _is_memory_database(database: str) -> bool:
+    return (
+        database in ("", ":memory:")
+        or database.startswith("file::memory:")
+        or (database.startswith("file:") and "mode=memory" in database)
+    )
+
+
+def is_in_memory_url(url: str) -> bool:
+    """Whether ``url`` names an SQLite database that lives in one process's memory only."""
+    try:
+        parsed = make_url(normalise_url(url))
+    except sa_exc.ArgumentError:
+        return False
+    return parsed.get_backend_name() == "sqlite" and _is_memory_database(parsed.database or "")
+
+
 def _sqlite_engine(url: URL) -> Engine:
     database = url.database or ""
     in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
@@ -124,13 +143,21 @@ def _sqlite_engine(url: URL) -> Engine:
             url, poolclass=StaticPool, connect_args={"check_same_thread": False}
         )
     else:
+        # Only its owner may read the ledger (job snapshots, log lines): a folder and a file
+        # jobrunner creates are 0700 and 0600; SQLite gives its -wal and -shm files the
+        # database file's mode.
+        db_path = Path(database).expanduser()
         try:
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(db_path.parent)
         except OSError as exc:
             raise StoreConnectionError(
                 f"cannot create the folder for the SQLite database {database!r}: {exc.strerror}; "
                 "set JOBRUNNER_HOME or JOBRUNNER_DATABASE_URL to a writable place"
             ) from None
+        if not database.startswith("file:"):
+            # On failure SQLite itself reports what is wrong, with the same advice.
+            with contextlib.suppress(OSError):
+                create_private_file(db_path)
         engine = sa.create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},

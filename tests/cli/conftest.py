@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,10 @@ class Cli:
         return json.loads(done.stdout)
 
 
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
-    home = tmp_path_factory.mktemp("cli-home")
+@contextmanager
+def isolated_cli(home: Path) -> Iterator[Cli]:
+    """A Cli on ``home`` with no Fly or jobrunner settings from the caller's environment; the
+    local server it starts is stopped at the end."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -70,3 +72,9 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
         yield Cli(home, env)
     finally:
         stop_server(home / "local")
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
+    with isolated_cli(tmp_path_factory.mktemp("cli-home")) as made:
+        yield made
