@@ -28,6 +28,7 @@ from jobrunner.local.records import (
 )
 from jobrunner.local.registry import Registry
 from jobrunner.local.validate import parse_duration, parse_signal, validate_config
+from jobrunner.local.volumes import VolumeService
 from jobrunner.machines.models import CreateAppRequest, CreateMachineRequest, UpdateMachineRequest
 
 __all__ = ["DEFAULT_REGION", "MachineService"]
@@ -46,6 +47,8 @@ class MachineService:
         self._registry = registry
         self._lifecycle = lifecycle
         self._said_image_not_pulled = False
+        # The database lives in the state dir, beside the volumes' directories.
+        self.volumes = VolumeService(registry, registry.store.path.parent)
 
     # apps
     def ensure_app(self, name: str) -> None:
@@ -97,6 +100,7 @@ class MachineService:
                 await self._destroy(machine, force=True)
         for machine in machines:
             self._registry.forget(machine.id)
+        await self.volumes.delete_app_volumes(name)
         del self._registry.apps[name]
         self._registry.store.delete_app(name)
 
@@ -147,6 +151,7 @@ class MachineService:
             )
         if request.lease_ttl is not None and request.lease_ttl < 0:
             raise bad_request("lease_ttl must be a number of seconds, 0 or more")
+        config, region = self.volumes.check_mounts(app, config, request.region, None)
         now = self._registry.now()
         machine_id = ids.machine_id()
         instance_id = ids.ulid()
@@ -154,7 +159,7 @@ class MachineService:
             id=machine_id,
             app=app,
             name=name,
-            region=request.region or DEFAULT_REGION,
+            region=region or DEFAULT_REGION,
             state="created",
             instance_id=instance_id,
             private_ip=ids.private_ip(app, machine_id),
@@ -166,6 +171,7 @@ class MachineService:
             boot_pending=not request.skip_launch,
         )
         self._registry.machines[machine_id] = machine
+        self.volumes.attach(machine)
         nonce = None
         if request.lease_ttl:
             nonce = leases.acquire(machine, now, request.lease_ttl, "", None).nonce
@@ -197,6 +203,8 @@ class MachineService:
         runtime = self._registry.runtime(machine)
         async with runtime.lock:
             self._require_live(machine)
+            # Checked under the lock: no other update or create can take the volume meanwhile.
+            config, _ = self.volumes.check_mounts(app, config, machine.region, machine.id)
             was = machine.state
             if runtime.task is not None:
                 self._registry.set_state(machine, "replacing")
@@ -208,6 +216,7 @@ class MachineService:
             machine.config = config
             machine.image_ref = image_ref_for(config.image or "")
             machine.versions.append(VersionRecord(machine.instance_id, config.to_api()))
+            self.volumes.attach(machine)
             machine.restart_count = 0
             machine.boot_pending = False
             if request.skip_launch:
@@ -418,6 +427,7 @@ class MachineService:
             self._said_image_not_pulled = True
             logger.info(
                 "the local backend records each machine's image (%s) but does not pull or run "
-                "it: machines run config.init's command as a local process",
+                "it: machines run config.init's command, or the image's command from the local "
+                "image catalog, as a local process",
                 image,
             )

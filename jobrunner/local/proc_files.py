@@ -21,6 +21,18 @@ when an overlay later covers `stage_dir` itself, and it is detached before the p
 
 As a last safety net, a file or directory is only ever created in a directory whose device is
 one of our overlays; anything else is an error, never a write to the host.
+
+Volumes (`bind_volumes`, run before the files are placed) are directories on the host bound at
+their mount path in the same private namespace:
+
+* **The path is an existing directory**: the volume is bound over it.
+* **It is missing below an existing directory other than "/"**: that directory is covered with a
+  private overlay (as for files), the missing directories are made in it, and the volume is
+  bound there.
+* **It is a new top-level directory** (the usual `/data`): the process gets a new root, a private
+  tmpfs holding a recursive bind of every entry of the real "/" (symlinks copied as symlinks),
+  where the new directory is made; the process then chroots into it. Nothing is created on the
+  host but the empty mount-point directory in the machine's workdir.
 """
 
 from __future__ import annotations
@@ -31,10 +43,21 @@ import posixpath
 
 from jobrunner.local import proc_mounts
 
-__all__ = ["DEFAULT_FILE_MODE", "STAGE_DIR_NAME", "FileToPlace", "PlacementError", "place_files"]
+__all__ = [
+    "DEFAULT_FILE_MODE",
+    "ROOT_DIR_NAME",
+    "STAGE_DIR_NAME",
+    "FileToPlace",
+    "PlacementError",
+    "VolumeToMount",
+    "bind_volumes",
+    "place_files",
+]
 
 #: Name of the (empty, host-side) directory in the machine's workdir that the tmpfs is mounted on.
 STAGE_DIR_NAME = ".jobrunner-files"
+#: Name of the (empty, host-side) directory in the machine's workdir that a new root is built on.
+ROOT_DIR_NAME = ".jobrunner-root"
 DEFAULT_FILE_MODE = 0o644
 _NEW_DIR_MODE = 0o755
 
@@ -217,6 +240,26 @@ def _plan_all(files: list[FileToPlace]) -> list[_Plan]:
     return list(by_path.values())
 
 
+_private_namespace = False
+
+
+def _enter_private_namespace(guest_path: str, what: str) -> None:
+    """unshare + make-rprivate, once per process (files and volumes share the namespace)."""
+    global _private_namespace
+    if _private_namespace:
+        return
+    try:
+        proc_mounts.unshare_mount_namespace()
+        proc_mounts.make_rprivate()
+    except (OSError, AttributeError) as exc:
+        raise PlacementError(
+            guest_path,
+            f"a private mount namespace is unavailable ({exc}); the local backend needs to run "
+            f"as root on Linux to {what}",
+        ) from exc
+    _private_namespace = True
+
+
 def place_files(files: list[FileToPlace], stage_dir: str) -> None:
     """Enter a private mount namespace and make every file visible at its guest path.
 
@@ -228,15 +271,7 @@ def place_files(files: list[FileToPlace], stage_dir: str) -> None:
         return
     plans = _plan_all(files)
     first = plans[0].file.guest_path
-    try:
-        proc_mounts.unshare_mount_namespace()
-        proc_mounts.make_rprivate()
-    except (OSError, AttributeError) as exc:
-        raise PlacementError(
-            first,
-            f"a private mount namespace is unavailable ({exc}); the local backend needs to run "
-            "as root on Linux to place files",
-        ) from exc
+    _enter_private_namespace(first, "place files")
     try:
         stage = _Stage(stage_dir)
     except OSError as exc:
@@ -269,3 +304,114 @@ def _place(plans: list[_Plan], stage: _Stage) -> None:
                 _create_in_overlay(plan, overlay_devs)
         except OSError as exc:
             raise PlacementError(plan.file.guest_path, str(exc)) from exc
+
+
+class VolumeToMount:
+    """A volume for the launcher: its directory on the host and the path the process sees."""
+
+    __slots__ = ("path", "source")
+
+    def __init__(self, source: str, path: str) -> None:
+        self.source = source
+        self.path = path
+
+
+def _nearest_directory(path: str) -> str:
+    ancestor = posixpath.dirname(path)
+    while not os.path.isdir(ancestor):
+        if os.path.lexists(ancestor):
+            raise PlacementError(path, f"{ancestor!r} exists and is not a directory")
+        ancestor = posixpath.dirname(ancestor)
+    return ancestor
+
+
+def bind_volumes(volumes: list[VolumeToMount], root_dir: str, stage_dir: str) -> None:
+    """Enter the private mount namespace and bind each volume's directory at its path.
+
+    `root_dir` (in the machine's workdir) is where a new root is built when a path needs a new
+    top-level directory; the process is then chrooted into it (its cwd is left at "/": the caller
+    changes to the workdir afterwards, which the new root reaches through its bind of the real
+    top-level directory). Raises PlacementError naming the path. Call before `place_files`.
+    """
+    if not volumes:
+        return
+    wanted = sorted(volumes, key=lambda v: _normalise(v.path).count("/"))
+    _enter_private_namespace(wanted[0].path, "mount volumes")
+    for volume in wanted:
+        if not os.path.isdir(volume.source):
+            raise PlacementError(volume.path, f"the volume's directory {volume.source!r} is gone")
+    new_top = sorted(
+        {
+            _normalise(v.path).split("/")[1]
+            for v in wanted
+            if not os.path.lexists(_normalise(v.path)) and _nearest_directory(v.path) == "/"
+        }
+    )
+    if new_top:
+        try:
+            _new_root(root_dir, new_top)
+        except OSError as exc:
+            raise PlacementError(wanted[0].path, f"cannot build a private root ({exc})") from exc
+    stage: _Stage | None = None
+    try:
+        for volume in wanted:
+            path = _normalise(volume.path)
+            if os.path.lexists(path) and not os.path.isdir(path):
+                raise PlacementError(volume.path, "the path exists and is not a directory")
+            if not os.path.isdir(path):
+                if stage is None:
+                    stage = _Stage(stage_dir)
+                _make_dirs_in_overlay(path, stage)
+            try:
+                proc_mounts.mount(
+                    volume.source, path, None, proc_mounts.MS_BIND | proc_mounts.MS_REC, None
+                )
+            except OSError as exc:
+                raise PlacementError(volume.path, f"cannot bind the volume there ({exc})") from exc
+    finally:
+        if stage is not None:
+            stage.detach()
+
+
+def _make_dirs_in_overlay(path: str, stage: _Stage) -> None:
+    """Make `path` (a missing directory) inside a private overlay of its nearest ancestor."""
+    ancestor = os.path.realpath(_nearest_directory(path))
+    try:
+        device = _mount_overlay(ancestor, stage)
+        missing = []
+        parent = path
+        while not os.path.isdir(parent):
+            missing.append(parent)
+            parent = posixpath.dirname(parent)
+        for directory in reversed(missing):
+            if os.stat(posixpath.dirname(directory)).st_dev != device:
+                raise PlacementError(path, f"{directory!r} is not covered by the private overlay")
+            os.mkdir(directory, _NEW_DIR_MODE)
+    except OSError as exc:
+        raise PlacementError(path, f"cannot make the mount point ({exc})") from exc
+
+
+def _new_root(root_dir: str, new_top: list[str]) -> None:
+    """Build a root with every entry of "/" plus the `new_top` directories, and chroot into it."""
+    root = os.path.realpath(root_dir)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    proc_mounts.mount("tmpfs", root, "tmpfs", 0, "mode=0755")
+    for name in sorted(os.listdir("/")):
+        source, target = "/" + name, f"{root}/{name}"
+        if os.path.islink(source):
+            os.symlink(os.readlink(source), target)
+        elif os.path.isdir(source):
+            os.mkdir(target, 0o755)
+            proc_mounts.mount(source, target, None, proc_mounts.MS_BIND | proc_mounts.MS_REC, None)
+        elif os.path.isfile(source):
+            _write_new(target, b"", 0o644)
+            with contextlib.suppress(OSError):
+                proc_mounts.mount(source, target, None, proc_mounts.MS_BIND, None)
+    for name in new_top:
+        os.mkdir(f"{root}/{name}", _NEW_DIR_MODE)
+    os.chroot(root)
+    os.chdir("/")
+    # The bind of root_dir's top-level directory carried a copy of the new root along: drop it,
+    # so the process does not see its root again inside its workdir.
+    with contextlib.suppress(OSError):
+        proc_mounts.umount_detach(root)

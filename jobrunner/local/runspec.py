@@ -1,26 +1,32 @@
 """Turning a machine's config into the process the supervisor runs (fly-machines-api.md section 8).
 
-argv comes from ``init`` (the image is recorded, never pulled, so its own ENTRYPOINT/CMD are not
-known); the environment is ``config.env`` plus the ``FLY_*`` variables a Fly machine sees; files
-are decoded from base64. Fly reads ``secret_name`` files from the app's secrets; the local backend
-has no secret store, so it reads them from the server's environment variable
-``JOBRUNNER_LOCAL_SECRET_<NAME>`` (base64, like a Fly secret used as a file).
+argv comes from ``init``, completed with the image's ENTRYPOINT/CMD from the local image catalog
+(images.py: the image is recorded, never pulled); volumes in ``config.mounts`` become bind mounts
+of their directories (volumes.py); the environment is ``config.env`` plus the ``FLY_*`` variables
+a Fly machine sees; files are decoded from base64. Fly reads ``secret_name`` files from the app's
+secrets; the local backend has no secret store, so it reads them from the server's
+environment variable ``JOBRUNNER_LOCAL_SECRET_<NAME>`` (base64, like a Fly secret used as a file).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from jobrunner.local.images import resolve_command
 from jobrunner.local.records import MachineRecord
-from jobrunner.local.supervisor import FileSpec, ProcessSpec, resolve_argv
+from jobrunner.local.supervisor import FileSpec, ProcessSpec
+from jobrunner.local.volumes import volume_dir
 
 __all__ = ["SECRET_ENV_PREFIX", "LaunchProblem", "build_spec"]
 
 SECRET_ENV_PREFIX = "JOBRUNNER_LOCAL_SECRET_"
+
+logger = logging.getLogger("jobrunner.local")
 
 
 class LaunchProblem(Exception):
@@ -34,14 +40,30 @@ def build_spec(
     config = machine.config
     environ = os.environ if environ is None else environ
     init = config.init
+    # The machine's workdir is <state dir>/machines/<id> (Lifecycle.workdir).
+    state_dir = Path(workdir).parent.parent
     try:
-        argv = resolve_argv(
+        argv, no_command = resolve_command(
+            config.image or "",
             init.exec if init else None,
             init.entrypoint if init else None,
             init.cmd if init else None,
+            state_dir=state_dir,
+            environ=environ,
         )
-    except ValueError as exc:  # validated at create; kept for configs persisted by older versions
+    except ValueError as exc:  # the user's image catalog cannot be read
         raise LaunchProblem(str(exc)) from None
+    if no_command is not None:
+        logger.warning("machine %s: %s", machine.id, no_command)
+    mounts = []
+    for index, mount in enumerate(config.mounts or []):
+        volume_id = str(mount.get("volume"))
+        source = volume_dir(state_dir, volume_id)
+        if not source.is_dir():
+            raise LaunchProblem(
+                f"config.mounts[{index}]: volume {volume_id} has no directory at {source}"
+            )
+        mounts.append((str(source), str(mount.get("path"))))
     env = dict(config.env or {})
     env.update(
         FLY_MACHINE_ID=machine.id,
@@ -82,4 +104,5 @@ def build_spec(
         memory_mb=guest.memory_mb if guest else None,
         workdir=workdir,
         name=machine.name,
+        mounts=tuple(mounts),
     )

@@ -55,6 +55,7 @@ from jobrunner.machines.models import (
     WaitState,
 )
 from jobrunner.machines.retry import NO_RETRY, RetryPolicy
+from jobrunner.machines.volumes import VolumeEndpoints
 from jobrunner.machines.wait import (
     DEFAULT_NOT_FOUND_GRACE,
     check_wait_timeout,
@@ -68,11 +69,12 @@ __all__ = ["AsyncMachinesClient"]
 _POLL_READ_MARGIN = 15.0
 
 
-class AsyncMachinesClient(MachineIntrospection):
+class AsyncMachinesClient(MachineIntrospection, VolumeEndpoints):
     """Talks to one Machines API (Fly's, or the local backend) on behalf of one token.
 
     Use it as ``async with AsyncMachinesClient.from_env() as client: ...`` or call ``aclose()``.
-    The versions, ps and exec endpoints come from ``MachineIntrospection`` (introspection.py).
+    The versions, ps and exec endpoints come from ``MachineIntrospection`` (introspection.py),
+    the volumes endpoints from ``VolumeEndpoints`` (volumes.py).
     Cookies the API sets (e.g. its affinity cookie) are kept and sent back on later calls.
     ``clock`` is for tests: it replaces time and sleeping in retries, rate limits and waits.
     """
@@ -156,6 +158,7 @@ class AsyncMachinesClient(MachineIntrospection):
         """
         app = self._app(app)
         tagged, submit_id = tag_config(config)
+        tagged = await self.resolve_mounts(tagged, app=app, region=region)  # volume names -> ids
         body = CreateMachineRequest(
             config=tagged,
             name=name,

@@ -18,8 +18,11 @@ __all__ = [
     "App",
     "CreateAppRequest",
     "CreateMachineRequest",
+    "CreateVolumeRequest",
     "ErrorBody",
     "ExitEvent",
+    "ExtendVolumeRequest",
+    "ExtendVolumeResponse",
     "File",
     "Guest",
     "ImageRef",
@@ -31,6 +34,7 @@ __all__ = [
     "Machine",
     "MachineConfig",
     "MachineEvent",
+    "MachineMount",
     "MachineRequest",
     "MonitorEvent",
     "Restart",
@@ -38,6 +42,9 @@ __all__ = [
     "StopConfig",
     "StopRequest",
     "UpdateMachineRequest",
+    "UpdateVolumeRequest",
+    "Volume",
+    "VolumeSnapshot",
     "WaitState",
 ]
 
@@ -334,3 +341,73 @@ class LogEntry(FlyModel):
 class LogsPage(FlyModel):
     entries: list[LogEntry] = Field(default_factory=list)
     next_token: str | None = None
+
+
+# Volumes (the 2024 swagger's Volume, CreateVolumeRequest, ... and fly.MachineMount).
+class MachineMount(FlyModel):
+    """One entry of ``config.mounts``: the volume (``vol_...``) and where the machine sees it."""
+
+    volume: str | None = None
+    path: str | None = None
+    name: str | None = None
+    size_gb: int | None = None
+    encrypted: bool | None = None
+    add_size_gb: int | None = None
+    size_gb_limit: int | None = None
+    extend_threshold_percent: int | None = None
+
+
+class Volume(FlyModel):
+    id: str
+    name: str | None = None
+    state: str | None = None
+    size_gb: int | None = None
+    region: str | None = None
+    zone: str | None = None
+    encrypted: bool | None = None
+    fstype: str | None = None
+    created_at: str | None = None
+    attached_machine_id: str | None = None
+    attached_alloc_id: str | None = None
+    auto_backup_enabled: bool | None = None
+    snapshot_retention: int | None = None
+    block_size: int | None = None
+    blocks: int | None = None
+    blocks_avail: int | None = None
+    blocks_free: int | None = None
+
+
+class CreateVolumeRequest(FlyModel):
+    name: str | None = None
+    region: str | None = None
+    size_gb: int | None = None
+    encrypted: bool | None = None
+    fstype: str | None = None
+    require_unique_zone: bool | None = None
+    machines_only: bool | None = None
+    snapshot_id: str | None = None
+    snapshot_retention: int | None = None
+    source_volume_id: str | None = None
+    compute: Guest | None = None
+
+
+class UpdateVolumeRequest(FlyModel):
+    auto_backup_enabled: bool | None = None
+    snapshot_retention: int | None = None
+
+
+class ExtendVolumeRequest(FlyModel):
+    size_gb: int | None = None
+
+
+class ExtendVolumeResponse(FlyModel):
+    needs_restart: bool | None = None
+    volume: Volume | None = None
+
+
+class VolumeSnapshot(FlyModel):
+    id: str
+    created_at: str | None = None
+    digest: str | None = None
+    size: int | None = None
+    status: str | None = None

@@ -30,6 +30,7 @@ from jobrunner.durations import format_duration
 from jobrunner.machines.models import Guest, Init, MachineConfig, Restart, StopConfig
 from jobrunner.spec.files import FILE_KEYS, JobFile
 from jobrunner.spec.guest import DEFAULT_SIZE, GuestSpec, preset_guest, size_problem
+from jobrunner.spec.mounts import MOUNT_KEYS, JobMounts
 from jobrunner.spec.problems import (
     MISSING,
     JobSpecError,
@@ -76,6 +77,7 @@ class Job(BaseModel):
     env: dict[Utf8Str, Utf8Str] = Field(default_factory=dict)
     secrets: list[str] = Field(default_factory=list)
     files: list[JobFile] = Field(default_factory=list)
+    mounts: JobMounts = Field(default_factory=list)
     guest: GuestSpec | None = None
     size: str | None = None
     region: str | None = None
@@ -355,6 +357,7 @@ class Job(BaseModel):
             init=self.init(),
             env=env,
             files=[f.to_api() for f in self.files] or None,
+            mounts=[m.to_api() for m in self.mounts] or None,
             guest=self.guest_resolved(),
             auto_destroy=True,
             restart=Restart(policy="no"),
@@ -416,6 +419,7 @@ class Job(BaseModel):
 ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     "": tuple(Job.model_fields),
     "files": FILE_KEYS,
+    "mounts": MOUNT_KEYS,
     "guest": tuple(GuestSpec.model_fields),
     "retries": tuple(RetryPolicy.model_fields),
 }

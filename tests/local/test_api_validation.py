@@ -11,7 +11,18 @@ from .local_harness import APP, command_config, create_machine
 
 CASES: list[tuple[str, Any, int, str]] = [
     ("missing image", {"init": {"cmd": ["true"]}}, 422, "config.image"),
-    ("no command", {"image": "x"}, 422, "init.cmd"),
+    (
+        "mount without a volume",
+        command_config("true", mounts=[{"path": "/data"}]),
+        422,
+        "config.mounts[0].volume",
+    ),
+    (
+        "mount of an unknown volume",
+        command_config("true", mounts=[{"volume": "vol_nothere", "path": "/data"}]),
+        422,
+        "config.mounts[0].volume",
+    ),
     (
         "relative guest_path",
         command_config("true", files=[{"guest_path": "etc/x", "raw_value": "aGk="}]),

@@ -102,8 +102,8 @@ async def test_wait_timeout_and_validation_errors(client: AsyncMachinesClient) -
     with pytest.raises(WaitTimeout):
         await client.wait(machine.id, "started", timeout=1)
     with pytest.raises(ValidationFailed) as invalid:
-        await client.create_machine({"image": "x"})  # no command to run locally
-    assert "init" in str(invalid.value)
+        await client.create_machine({"init": {"cmd": ["true"]}})  # no image
+    assert "config.image" in str(invalid.value)
     with pytest.raises(NotFound):
         await client.get_machine("00000000000000")
 

@@ -5,8 +5,9 @@ that no answer is a server error and that every documented answer matches the sp
 ``status_code_conformance`` is left out on purpose: the 2024 spec lists only success codes, while
 Fly answers 404/408/409/412/422 too (fly-machines-api.md section 2; see docs/local-backend.md).
 
-Generated machine configs get a harmless command (``true``) and no files before they are sent:
-the fuzzer must never make the server run an arbitrary program on this computer.
+Generated machine configs get a harmless command (``true``) and no files or mounts before they
+are sent: the fuzzer must never make the server run an arbitrary program on this computer.
+Volume operations act on a real volume of the app (re-created when the fuzzer deletes it).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from .local_harness import APP, ServerProcess, command_config, start_server
 
 SWAGGER = Path(__file__).with_name("fly-machines-swagger.json")
-# Volumes, exec and ps are not implemented by the local backend (they answer 404).
-schema = schemathesis.openapi.from_path(SWAGGER).exclude(path_regex=r"/volumes|/exec$|/ps$")
+# exec and ps are not implemented by the local backend (they answer 404).
+schema = schemathesis.openapi.from_path(SWAGGER).exclude(path_regex=r"/exec$|/ps$")
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Target:
     server: ServerProcess
     http: httpx.Client
     machine_id: str = ""
+    volume_id: str = ""
 
     def ensure_machine(self) -> str:
         """A live machine for the generated requests to act on (fuzzing may destroy it)."""
@@ -51,6 +53,16 @@ class Target:
         self.machine_id = created.json()["id"]
         return self.machine_id
 
+    def ensure_volume(self) -> str:
+        """A volume for the generated requests to act on (fuzzing may delete it)."""
+        url = f"/v1/apps/{APP}/volumes"
+        if self.volume_id and self.http.get(f"{url}/{self.volume_id}").status_code == 200:
+            return self.volume_id
+        created = self.http.post(url, json={"name": "conformance"})
+        assert created.status_code == 200, created.text
+        self.volume_id = created.json()["id"]
+        return self.volume_id
+
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
@@ -63,11 +75,13 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         process.stop()
 
 
-def _make_harmless(body: Any) -> None:
+def _make_harmless(body: Any, *, keep_mounts: bool = False) -> None:
     config = body.get("config") if isinstance(body, dict) else None
     if isinstance(config, dict):
         config["init"] = {"exec": ["true"]}
         config.pop("files", None)
+        if not keep_mounts:
+            config.pop("mounts", None)
 
 
 @schema.parametrize()
@@ -85,7 +99,10 @@ def test_spec_conformance_and_no_server_errors(case: Any, target: Target) -> Non
     if "machine_id" in parameters:
         parameters["machine_id"] = target.ensure_machine()
         parameters["app_name"] = APP
-    elif case.path.endswith("/machines"):
+    elif "volume_id" in parameters:
+        parameters["volume_id"] = target.ensure_volume()
+        parameters["app_name"] = APP
+    elif case.path.endswith(("/machines", "/volumes")):
         parameters["app_name"] = APP
     if case.path.endswith("/wait"):
         case.query = {**(case.query or {}), "timeout": 1}  # keep every long poll short
@@ -112,7 +129,7 @@ JSON = st.recursive(
 )
 CONFIG_KEYS = st.sampled_from(
     ["image", "env", "guest", "size", "restart", "schedule", "auto_destroy", "metadata",
-     "stop_config", "files", "init", "services", "checks"]
+     "stop_config", "files", "init", "services", "checks", "mounts"]
 )  # fmt: skip
 CONFIGS = st.dictionaries(CONFIG_KEYS, JSON, max_size=6)
 BODIES = JSON | st.fixed_dictionaries({"config": CONFIGS}, optional={"name": JSON, "region": JSON,
@@ -128,7 +145,7 @@ ENDPOINTS = ["", "/{id}", "/{id}/stop", "/{id}/signal", "/{id}/lease", "/{id}/me
 def test_arbitrary_json_bodies_never_get_a_server_error(
     target: Target, endpoint: str, body: Any
 ) -> None:
-    _make_harmless(body)
+    _make_harmless(body, keep_mounts=True)  # fuzzed mounts are checked, never run: skip_launch
     if isinstance(body, dict):
         body["skip_launch"] = True
     path = f"/v1/apps/{APP}/machines" + endpoint.format(id=target.ensure_machine())
@@ -136,3 +153,53 @@ def test_arbitrary_json_bodies_never_get_a_server_error(
     assert response.status_code < 500, (path, body, response.text)
     if response.status_code >= 400:
         assert isinstance(response.json()["error"], str)
+
+
+def test_image_only_creates_and_mounts_match_the_spec(target: Target) -> None:
+    """Creates with only ``image`` (Fly's one required field) and with a volume mount answer
+    the spec's Machine; the volume then shows the spec's Volume with its attachment."""
+    create = schema["/apps/{app_name}/machines"]["POST"]
+    url = f"/v1/apps/{APP}/machines"
+    for image in ("alpine:3.20", "registry.example/unknown:1"):
+        response = target.http.post(url, json={"config": {"image": image}, "skip_launch": True})
+        assert response.status_code == 200, response.text
+        create.validate_response(response)
+        assert response.json()["config"] == {"image": image, **_defaults(response.json())}
+    volume_id = target.ensure_volume()
+    config = {"image": "alpine", "mounts": [{"volume": volume_id, "path": "/data"}]}
+    mounted = target.http.post(url, json={"config": config, "skip_launch": True})
+    assert mounted.status_code == 200, mounted.text
+    create.validate_response(mounted)
+    volume = target.http.get(f"/v1/apps/{APP}/volumes/{volume_id}")
+    schema["/apps/{app_name}/volumes/{volume_id}"]["GET"].validate_response(volume)
+    assert volume.json()["attached_machine_id"] == mounted.json()["id"]
+    target.http.delete(f"{url}/{mounted.json()['id']}")
+
+
+def _defaults(machine: dict[str, Any]) -> dict[str, Any]:
+    """The keys the server fills into a stored config (guest and restart policy)."""
+    return {k: v for k, v in machine["config"].items() if k in ("guest", "restart")}
+
+
+def test_volume_answers_match_the_spec(target: Target) -> None:
+    """Each volume endpoint's success answer, with real data, against the spec's schema."""
+    base = "/apps/{app_name}/volumes"
+    url = f"/v1/apps/{APP}/volumes"
+    created = target.http.post(url, json={"name": "shapes", "size_gb": 2})
+    schema[base]["POST"].validate_response(created)
+    one = f"{url}/{created.json()['id']}"
+    for path, method, response in (
+        (base, "GET", target.http.get(url)),
+        (base + "/{volume_id}", "GET", target.http.get(one)),
+        (base + "/{volume_id}", "POST", target.http.post(one, json={"snapshot_retention": 7})),
+        (
+            base + "/{volume_id}/extend",
+            "PUT",
+            target.http.put(one + "/extend", json={"size_gb": 3}),
+        ),
+        (base + "/{volume_id}/snapshots", "POST", target.http.post(one + "/snapshots")),
+        (base + "/{volume_id}/snapshots", "GET", target.http.get(one + "/snapshots")),
+        (base + "/{volume_id}", "DELETE", target.http.delete(one)),
+    ):
+        assert response.status_code == 200, (method, path, response.text)
+        schema[path][method].validate_response(response)
