@@ -24,6 +24,7 @@ from jobrunner.local.registry import Registry
 from jobrunner.local.retention import run_purger
 from jobrunner.local.schedule import ScheduleRunner
 from jobrunner.local.settings import ServerSettings
+from jobrunner.local.shim_client import ShimClient
 from jobrunner.local.statefiles import DB_FILE, SERVICE_NAME, make_state_dir
 
 __all__ = ["LocalBackend"]
@@ -34,18 +35,39 @@ logger = logging.getLogger("jobrunner.local")
 class LocalBackend:
     """The server's parts, wired together; ``lifespan`` starts and stops them."""
 
-    def __init__(self, settings: ServerSettings, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        clock: Clock | None = None,
+        *,
+        use_shim: bool = True,
+        stop_machines: bool = True,
+    ) -> None:
         self.settings = settings
+        #: On stop: True stops every machine and records its exit (the old, in-process way);
+        #: False leaves them to the shim for the next server to adopt.
+        self.stop_machines = stop_machines
         self.clock: Clock = clock or (FakeClock() if settings.fake_clock else SystemClock())
         self.faults = FaultInjector(settings.faults)
         make_state_dir(settings.state_dir)
         self.store = Store(settings.state_dir / DB_FILE)
         self.registry = Registry(self.store, self.clock)
         self.logs = LogStore(self.store)
-        self.lifecycle = Lifecycle(self.registry, self.logs, settings.state_dir)
+        # The shim is the parent of the machines' processes, so they outlive this server.
+        self.shim = ShimClient(settings.state_dir) if use_shim else None
+        if self.shim is not None:
+            self.shim.flush = self.flush
+            self.shim.stored_seq = self.store.shim_seq
+            self.logs.position = self.shim.position
+        self.lifecycle = Lifecycle(self.registry, self.logs, settings.state_dir, shim=self.shim)
         self.service = MachineService(self.registry, self.lifecycle)
         self.scheduler = ScheduleRunner(self.registry, self.clock, self.service.boot_by)
         self._tasks: list[asyncio.Task[None]] = []
+
+    def flush(self) -> None:
+        """Write everything pending: machine states, events, log lines."""
+        self.registry.flush_writes()
+        self.logs.flush()
 
     def health(self) -> dict[str, Any]:
         """The unauthenticated /healthz answer: enough for a client to know whose server it is."""
@@ -60,7 +82,13 @@ class LocalBackend:
     async def start(self) -> None:
         self.registry.load()
         self.service.ensure_app(self.settings.default_app)
-        self.lifecycle.recover()
+        if self.shim is not None:
+            live = await self.shim.connect()
+            self.lifecycle.adopt(live)
+            self.shim.adopted()
+            await self.shim.replayed()  # every exit that happened while no server ran is in
+        else:
+            self.lifecycle.recover()
         self._tasks = [
             asyncio.create_task(self.logs.run_flusher()),
             asyncio.create_task(self.scheduler.run()),
@@ -84,11 +112,19 @@ class LocalBackend:
 
     async def stop(self) -> None:
         self.begin_shutdown()
-        await self.lifecycle.shutdown()
+        if self.stop_machines or self.shim is None:
+            await self.lifecycle.shutdown()
+        else:
+            await self.lifecycle.detach()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.logs.flush()
+        self.flush()
+        if self.shim is not None:
+            # Acknowledges what was stored. The shim exits once it has nothing left to do; with
+            # machines left running, it keeps them for the next server.
+            await self.shim.close(final=self.stop_machines)
+        self.registry.flush_writes()
         self.store.close()
 
     @contextlib.asynccontextmanager

@@ -156,15 +156,29 @@ def start(host: str, port: int, state_dir: Path | None, timeout: float, as_json:
 @local.command()
 @_state_dir_option
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds before SIGKILL.")
+@click.option(
+    "--stop-machines", is_flag=True,
+    help="Also stop every running machine (recording its exit); by default they keep running "
+    "and the next server adopts them.",
+)  # fmt: skip
 @_json_option
-def stop(state_dir: Path | None, timeout: float, as_json: bool) -> None:
-    """Stop the background server; it stops its machines first."""
+def stop(state_dir: Path | None, timeout: float, stop_machines: bool, as_json: bool) -> None:
+    """Stop the background API server; running machines go on unless --stop-machines."""
     from jobrunner.local.daemon import stop_server
 
     directory = _state_dir(state_dir)
-    stopped = stop_server(directory, timeout=timeout)
-    text = "local backend stopped" if stopped else f"no local backend was running for {directory}"
-    _emit(as_json, {"stopped": stopped, "state_dir": str(directory)}, text)
+    stopped = stop_server(directory, timeout=timeout, stop_machines=stop_machines)
+    if not stopped:
+        text = f"no local backend was running for {directory}"
+    elif stop_machines:
+        text = "local backend and its machines stopped"
+    else:
+        text = "local backend stopped (running machines go on; the next server adopts them)"
+    _emit(
+        as_json,
+        {"stopped": stopped, "stop_machines": stop_machines, "state_dir": str(directory)},
+        text,
+    )
 
 
 @local.command()

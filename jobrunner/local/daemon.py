@@ -9,6 +9,7 @@ reuses a healthy server found through ``server.json`` in the state dir, or start
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import signal
@@ -48,6 +49,7 @@ __all__ = [
     "read_token",
     "server_status",
     "stop_server",
+    "wait_shim_gone",
 ]
 
 _POLL = 0.05
@@ -173,10 +175,15 @@ def server_status(state_dir: Path | None = None) -> ServerStatus:
     )
 
 
-def stop_server(state_dir: Path | None = None, timeout: float = 30.0) -> bool:
-    """Stop the server using ``state_dir`` (SIGTERM, then SIGKILL after ``timeout`` s).
+def stop_server(
+    state_dir: Path | None = None, timeout: float = 30.0, *, stop_machines: bool = False
+) -> bool:
+    """Stop the server using ``state_dir`` (then SIGKILL after ``timeout`` s).
 
-    Returns False when no server was running. The server stops its machines before exiting.
+    Returns False when no server was running. By default only the API server stops: the
+    machines keep running under the shim, and the next server adopts them (SIGUSR1). With
+    ``stop_machines`` the server stops every machine and records its exit first (SIGTERM), and
+    this waits until the shim has exited as well.
     """
     state_dir = (state_dir or default_state_dir()).expanduser().absolute()
     info = read_server_info(state_dir)
@@ -185,14 +192,40 @@ def stop_server(state_dir: Path | None = None, timeout: float = 30.0) -> bool:
         with contextlib.suppress(FileNotFoundError):
             (state_dir / INFO_FILE).unlink()  # stale: left by a server that was killed
         return False
-    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGTERM if stop_machines else signal.SIGUSR1)
     deadline = time.monotonic() + timeout
     while pid_alive(pid):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             break
         time.sleep(_POLL)
+    if stop_machines:
+        wait_shim_gone(state_dir, timeout=max(5.0, deadline - time.monotonic()))
     return True
+
+
+def wait_shim_gone(state_dir: Path, timeout: float = 10.0) -> bool:
+    """Wait until no shim serves ``state_dir`` (it holds ``shim.lock`` while it runs)."""
+    from jobrunner.local.shim import SHIM_LOCK_FILE  # not at import: `-m ...shim` imports this
+
+    try:
+        fd = os.open(state_dir / SHIM_LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(_POLL)
+                continue
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return True
+    finally:
+        os.close(fd)
 
 
 def _healthy_server(state_dir: Path) -> tuple[str, int] | None:

@@ -12,9 +12,9 @@ start-up time). Protocol:
   could not be executed; 1: anything else).
 * stdout/stderr belong to the job: the launcher never writes there.
 
-Order: join the memory cgroup (so everything after is accounted), set CPU affinity, place files
-(private mount namespace), chdir to the workdir, restore default signal handling, exec. Exec
-keeps the pid, so the supervisor's signals reach the program itself.
+Order: join the memory cgroup (so everything after is accounted), set CPU affinity, bind volumes
+and place files (private mount namespace), chdir to the workdir, restore default signal handling,
+exec. Exec keeps the pid, so the supervisor's signals reach the program itself.
 
 This runs once per machine start, so it imports as little as possible: builtin modules only
 (`_signal` instead of `signal`, which would pull in enum; `marshal` instead of json), `typing`
@@ -105,6 +105,23 @@ def _place_files(files: list[dict[str, Any]], stage_dir: str) -> None:
         raise SetupFailure(str(exc)) from exc
 
 
+def _bind_volumes(mounts: list[list[str]], workdir: str, stage_dir: str) -> None:
+    _bare_packages()
+    from jobrunner.local.proc_files import (
+        ROOT_DIR_NAME,
+        PlacementError,
+        VolumeToMount,
+        bind_volumes,
+    )
+
+    wanted = [VolumeToMount(source, path) for source, path in mounts]
+    try:
+        bind_volumes(wanted, os.path.join(workdir, ROOT_DIR_NAME), stage_dir)
+    except PlacementError as exc:
+        message = str(exc).replace("cannot place file at", "cannot mount the volume at", 1)
+        raise SetupFailure(message) from exc
+
+
 def _restore_signals() -> None:
     # Dispositions set to "ignore" survive exec (Python ignores SIGPIPE and SIGXFSZ, a server
     # started with nohup ignores SIGHUP), so every signal goes back to its default, unblocked.
@@ -137,9 +154,11 @@ def _set_up_and_exec(spec: dict[str, Any]) -> NoReturn:
         _join_cgroup(spec["cgroup_procs"])
     if spec.get("cpus"):
         _limit_cpus(int(spec["cpus"]))
+    workdir = spec["workdir"]
+    if spec.get("mounts"):
+        _bind_volumes(spec["mounts"], workdir, spec["stage_dir"])
     if spec.get("files"):
         _place_files(spec["files"], spec["stage_dir"])
-    workdir = spec["workdir"]
     try:
         os.chdir(workdir)
     except OSError as exc:

@@ -30,7 +30,9 @@ from jobrunner.local.logstore import LogStore
 from jobrunner.local.records import MachineRecord, rfc3339_ms
 from jobrunner.local.registry import Registry, Runtime
 from jobrunner.local.runspec import LaunchProblem, build_spec
+from jobrunner.local.shim_client import LiveRun, ShimClient
 from jobrunner.local.supervisor import (
+    MachineProcess,
     ProcessExit,
     ProcessHandle,
     ProcessSpec,
@@ -72,11 +74,15 @@ class Lifecycle:
         *,
         launch_fn: LaunchFn = launch,
         environ: Mapping[str, str] | None = None,
+        shim: ShimClient | None = None,
     ) -> None:
         self._registry = registry
         self._logs = logs
         self._state_dir = state_dir
         self._launch = launch_fn
+        # With a shim, processes are its children and outlive this server (see shim.py);
+        # without, they are this process's children (launch_fn) and die with it.
+        self._shim = shim
         self._environ = environ
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -99,45 +105,55 @@ class Lifecycle:
     async def _run(self, machine: MachineRecord, runtime: Runtime, delay: float) -> None:
         exit_: ProcessExit | None = None
         problem: str | None = None
+        handle: MachineProcess | None = None
         try:
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(runtime.poke.wait(), delay)
             if runtime.intent is None:
-                exit_, problem = await self._launch_and_wait(machine, runtime)
+                exit_, problem, handle = await self._launch_and_wait(machine, runtime)
         except Exception as exc:  # a bug here must still end in a recorded exit, not a hang
             logger.exception("machine %s: run failed", machine.id)
             problem = f"internal error of the local backend: {exc!r} (see server.log)"
         machine.boot_pending = False
         runtime.task = None
         self._after_run(machine, runtime, exit_, problem)
+        if handle is not None:
+            handle.release()  # the exit is recorded: the shim may forget it
 
     async def _launch_and_wait(
         self, machine: MachineRecord, runtime: Runtime
-    ) -> tuple[ProcessExit | None, str | None]:
+    ) -> tuple[ProcessExit | None, str | None, MachineProcess | None]:
         try:
             workdir = self.workdir(machine)
             spec = build_spec(machine, workdir, self._environ)
-            await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
-            handle = await self._launch(
-                spec, self._logs.writer(machine.app, machine.id, machine.region)
-            )
+            # On the loop, not in a thread: a mkdir is a few microseconds, while handing it to
+            # a thread costs a wake-up and GIL hand-offs on every boot.
+            workdir.mkdir(parents=True, exist_ok=True)
+            writer = self._logs.writer(machine.app, machine.id, machine.region)
+            handle: MachineProcess
+            if self._shim is not None:
+                handle = await self._shim.launch(machine.id, spec, writer)
+            else:
+                handle = await self._launch(spec, writer)
         except LaunchProblem as exc:
-            return None, str(exc)
+            return None, str(exc), None
         except (OSError, ValueError) as exc:
-            return None, f"could not start the process: {exc}"
+            return None, f"could not start the process: {exc}", None
         runtime.handle = handle
         machine.pid = handle.pid if handle.pid > 0 else None
         machine.pid_started_at = handle.started_at
         machine.boot_pending = False
         if runtime.intent is None:
-            if not handle.exited:  # not when the program could not be started at all
+            # Not when the program could not be started at all. A program that ran and already
+            # ended (the shim can report both at once) did start.
+            if not handle.exited or (await handle.wait()).error is None:
                 self._registry.set_state(machine, "started")
                 self._registry.add_event(machine, "start", "started", "flyd")
         else:  # stopped, destroyed or updated while it was being launched
             self._stop_handle(machine, runtime)
         try:
-            return await handle.wait(), None
+            return await handle.wait(), None, handle
         finally:
             runtime.handle = None
             machine.pid = None
@@ -338,6 +354,83 @@ class Lifecycle:
             elif machine.state in ("created", "stopped") and machine.boot_pending:
                 self.boot(machine)  # a boot that was owed when the last server stopped
 
+    def adopt(self, live: list[LiveRun]) -> None:
+        """Take over after the previous server: re-attach to the machines whose process the shim
+        still runs, and wait for the (replayed) exits of those that ended in between.
+
+        Call before ``ShimClient.adopted()``; a machine whose exit the shim cannot replay (it
+        died too) is recorded with exit code -1, as ``recover`` does without a shim.
+        """
+        assert self._shim is not None
+        shim = self._shim
+        by_key = {run.key: run for run in live}
+        for machine in list(self._registry.machines.values()):
+            if machine.state in _RUNNING_STATES:
+                writer = self._logs.writer(machine.app, machine.id, machine.region)
+                run = by_key.pop(machine.id, None)
+                if run is not None and machine.pid not in (None, run.pid):
+                    by_key[machine.id] = run  # not the process this record knows: ends below
+                    run = None
+                handle: MachineProcess
+                if run is not None:
+                    handle = shim.adopt(run, writer)
+                else:
+                    handle = shim.expect(machine.id, machine.pid, machine.pid_started_at, writer)
+                self._follow(machine, handle, running=run is not None)
+            elif machine.state == "destroying":
+                self.destroy_now(machine, source="flyd")
+            elif machine.state in ("created", "stopped") and machine.boot_pending:
+                self.boot(machine)  # a boot that was owed when the last server stopped
+        for run in by_key.values():  # its machine is no longer running here: end it
+            logger.warning("machine %s: killing process %s it no longer owns", run.key, run.pid)
+            stray = shim.adopt(run, lambda *_: None)
+            stray.kill()
+            self._spawn(_release_after_exit(stray))
+
+    def _follow(self, machine: MachineRecord, handle: MachineProcess, *, running: bool) -> None:
+        runtime = self._registry.runtime(machine)
+        runtime.intent = None
+        runtime.poke = asyncio.Event()
+        runtime.handle = handle
+        machine.boot_pending = False
+        if running and machine.state == "starting":
+            self._registry.set_state(machine, "started")
+            self._registry.add_event(machine, "start", "started", "flyd")
+        runtime.task = asyncio.create_task(self._run_adopted(machine, runtime, handle))
+        # What the last server was doing to it when it stopped is done again.
+        intent = {"stopping": "stop", "restarting": "restart", "replacing": "stop"}
+        if machine.state in intent:
+            self.request_stop(machine, intent[machine.state])
+
+    async def _run_adopted(
+        self, machine: MachineRecord, runtime: Runtime, handle: MachineProcess
+    ) -> None:
+        exit_: ProcessExit | None = None
+        problem: str | None = None
+        try:
+            exit_ = await handle.wait()
+        except Exception as exc:
+            logger.exception("machine %s: following its process failed", machine.id)
+            problem = f"internal error of the local backend: {exc!r} (see server.log)"
+        finally:
+            runtime.handle = None
+            machine.pid = None
+            machine.pid_started_at = None
+        machine.boot_pending = False
+        runtime.task = None
+        self._after_run(machine, runtime, exit_, problem)
+        handle.release()
+
+    async def detach(self) -> None:
+        """Stop following the processes without touching them: the shim keeps them running and
+        the next server adopts them (``jobrunner local stop`` without ``--stop-machines``)."""
+        tasks = [
+            t for m in self._registry.machines.values() if (t := self._registry.runtime(m).task)
+        ]
+        for task in [*tasks, *self._background]:
+            task.cancel()
+        await asyncio.gather(*tasks, *self._background, return_exceptions=True)
+
     def _report_lost(self, machine: MachineRecord) -> None:
         self.record_exit(machine, None, RECOVERY_ERROR, requested=False, restart=False)
 
@@ -364,6 +457,11 @@ class Lifecycle:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("background task failed", exc_info=task.exception())
+
+
+async def _release_after_exit(handle: MachineProcess) -> None:
+    await handle.wait()
+    handle.release()
 
 
 def _backoff(restart_count: int) -> float:

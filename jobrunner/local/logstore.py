@@ -34,6 +34,8 @@ class LogStore:
         self._buffer: list[LogRow] = []
         self._last_token = store.last_log_token()
         self._flush_interval = flush_interval
+        #: The shim record every buffered line is covered by (see shim_client); stored with them.
+        self.position: Callable[[], int | None] = lambda: None
 
     def writer(self, app: str, instance: str, region: str) -> Callable[[str, str, datetime], None]:
         """An ``on_output(stream, line, when)`` callback that records lines for one machine."""
@@ -56,7 +58,7 @@ class LogStore:
     def flush(self) -> None:
         if self._buffer:
             rows, self._buffer = self._buffer, []
-            self._store.add_logs(rows)
+            self._store.add_logs(rows, self.position())
 
     async def run_flusher(self) -> None:
         """Flush the buffer every ``flush_interval`` seconds until cancelled."""

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS logs (
     level TEXT NOT NULL, message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_by_instance ON logs (app, instance, token);
+CREATE TABLE IF NOT EXISTS volumes (id TEXT PRIMARY KEY, app TEXT NOT NULL, data TEXT NOT NULL);
 """
 
 # (token, app, instance, region, level, message); token is the entry's nanosecond timestamp.
@@ -63,6 +64,10 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """Several writes in one transaction (one commit instead of one each)."""
+        return self._transaction()
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -121,10 +126,34 @@ class Store:
             self._db.execute("DELETE FROM logs WHERE instance = ?", (machine_id,))
             self._db.execute("DELETE FROM machines WHERE id = ?", (machine_id,))
 
+    # volumes (one JSON document each; see volumes.py)
+    def load_volumes(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT data FROM volumes ORDER BY id").fetchall()
+        return [json.loads(data) for (data,) in rows]
+
+    def save_volume(self, volume_id: str, app: str, data: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO volumes VALUES (?, ?, ?)", (volume_id, app, json.dumps(data))
+        )
+
+    def delete_volume(self, volume_id: str) -> None:
+        self._db.execute("DELETE FROM volumes WHERE id = ?", (volume_id,))
+
     # logs
-    def add_logs(self, rows: Iterable[LogRow]) -> None:
+    def add_logs(self, rows: Iterable[LogRow], shim_seq: int | None = None) -> None:
+        """Insert log lines; ``shim_seq``: the shim record they cover, in the same transaction,
+        so a restarted server never asks the shim for lines it already has."""
         with self._transaction():
             self._db.executemany("INSERT INTO logs VALUES (?, ?, ?, ?, ?, ?)", rows)
+            if shim_seq is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('shim_seq', ?)", (str(shim_seq),)
+                )
+
+    def shim_seq(self) -> int:
+        """The last shim record stored with log lines (0: none)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='shim_seq'").fetchone()
+        return int(row[0]) if row else 0
 
     def last_log_token(self) -> int:
         row = self._db.execute("SELECT MAX(token) FROM logs").fetchone()

@@ -1,7 +1,8 @@
 """Cleaning up after a crashed server: is a recorded pid still ours, and killing its group.
 
-Used by the local server at start-up for machines that were running when it died. The supervisor's
-pipes to those processes are gone, so they cannot be adopted again; they are killed.
+Used for machines whose supervisor died: the shim normally outlives the API server and the
+server re-adopts its machines, but when the shim itself died (or the server runs without one),
+nobody holds the pipes to those processes or can learn their exit, so they are killed.
 """
 
 from __future__ import annotations

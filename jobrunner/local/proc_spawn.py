@@ -1,14 +1,20 @@
-"""Low-level process plumbing for the supervisor: spawning the launcher, noticing exits, pids.
+"""Low-level process plumbing for the supervisor: spawning jobs, noticing exits, pids.
 
-No threads anywhere: the launcher is started with posix_spawn (vfork-like, so a large server
-process is not copied), exits are noticed through a pidfd registered with the event loop (or,
-on kernels without pidfd_open, a cheap WNOHANG poll), and pipes are read by the event loop.
+No threads anywhere: a job is started with posix_spawn (vfork-like, so a large process is not
+copied), directly when it needs no set-up step inside the new process (`spawn_direct`), through
+the launcher otherwise (`spawn_launcher`: files and mounts need a private mount namespace).
+Exits are noticed through a pidfd registered with the event loop (or, on kernels without
+pidfd_open, a cheap WNOHANG poll), and pipes are read by the event loop.
+
+Every fd Python opens is close-on-exec, and spawns only dup the child's own pipes into 0..3, so a
+job inherits exactly stdin (/dev/null), stdout and stderr.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -18,12 +24,15 @@ from datetime import datetime
 from pathlib import Path
 
 __all__ = [
+    "DirectPipes",
     "LauncherPipes",
+    "SpawnFailure",
     "launcher_command",
     "process_start_time",
     "process_state",
     "reap",
     "signal_group",
+    "spawn_direct",
     "spawn_launcher",
     "started_near",
     "wait_exited",
@@ -51,6 +60,25 @@ def _high_fd(fd: int) -> int:
     moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _LOW_FD_LIMIT)
     os.close(fd)
     return moved
+
+
+def _close_inherited(keep: int) -> list[tuple[int, int]]:
+    """posix_spawn actions closing every inheritable fd above `keep` in the child.
+
+    Python opens everything close-on-exec, but a caller may have made an fd inheritable (a test
+    runner's capture fds, a socket handed to uvicorn): the job must see none of them.
+    """
+    actions = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > keep:
+            try:
+                inheritable = os.get_inheritable(fd)
+            except OSError:
+                continue  # the directory's own fd, already closed
+            if inheritable:
+                actions.append((os.POSIX_SPAWN_CLOSE, fd))
+    return actions
 
 
 def _pipe() -> tuple[int, int]:
@@ -84,7 +112,10 @@ def spawn_launcher() -> tuple[int, LauncherPipes]:
             sys.executable,
             launcher_command(),
             {},  # the launcher needs no environment; the job's own is in its spec
-            file_actions=[(os.POSIX_SPAWN_DUP2, fd, slot) for slot, fd in enumerate(child_ends)],
+            file_actions=[
+                *((os.POSIX_SPAWN_DUP2, fd, slot) for slot, fd in enumerate(child_ends)),
+                *_close_inherited(len(child_ends) - 1),
+            ],
             setsid=True,
             setsigmask=(),
             setsigdef=catchable,
@@ -97,6 +128,118 @@ def spawn_launcher() -> tuple[int, LauncherPipes]:
         for fd in child_ends:
             os.close(fd)
     return pid, LauncherPipes(spec=spec_w, stdout=out_r, stderr=err_r, status=status_r)
+
+
+@dataclass(frozen=True)
+class DirectPipes:
+    """The parent's ends of a directly spawned job's output pipes (close-on-exec)."""
+
+    stdout: int
+    stderr: int
+
+
+class SpawnFailure(Exception):
+    """The job's program could not be executed: same messages and codes as the launcher's."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+EXIT_CANNOT_EXEC = 127
+EXIT_SETUP_FAILED = 1
+_devnull_fd = -1
+
+
+def _devnull() -> int:
+    """One /dev/null fd for every job's stdin, opened once (close-on-exec, like all of ours)."""
+    global _devnull_fd
+    if _devnull_fd < 0:
+        _devnull_fd = _high_fd(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    return _devnull_fd
+
+
+def _find_program(program: str, env: dict[str, str]) -> str:
+    """The path execvpe would run for `program`, searched on the *job's* PATH.
+
+    posix_spawnp searches the caller's PATH, not the job's, so the search is done here.
+    """
+    if "/" in program:
+        return program
+    denied = False
+    for directory in env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", program)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            denied = True
+    if denied:
+        raise SpawnFailure(
+            f"executable not permitted: {program!r} (permission denied)", EXIT_CANNOT_EXEC
+        )
+    raise SpawnFailure(f"executable not found: {program!r}", EXIT_CANNOT_EXEC)
+
+
+def spawn_direct(argv: list[str], env: dict[str, str], workdir: str) -> tuple[int, DirectPipes]:
+    """Start the job itself (no launcher) in a new session, stdin /dev/null, in `workdir`.
+
+    Signal dispositions and the mask are reset to defaults, as the launcher does. posix_spawn has
+    no chdir in Python 3.11, so the caller's working directory is switched around the spawn: the
+    supervisor is single-threaded and uses absolute paths only, so nothing observes it.
+    Raises SpawnFailure when the program cannot be executed, OSError for anything else.
+    """
+    program = _find_program(argv[0], env)
+    out_r, out_w = _pipe()
+    err_r, err_w = _pipe()
+    child_ends = ((_devnull(), 0), (out_w, 1), (err_w, 2))
+    previous = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.chdir(workdir)
+        except OSError as exc:
+            raise SpawnFailure(
+                f"cannot enter the working directory {workdir!r}: {exc}", EXIT_SETUP_FAILED
+            ) from exc
+        try:
+            pid = os.posix_spawn(
+                program,
+                argv,
+                env,
+                file_actions=[
+                    *((os.POSIX_SPAWN_DUP2, fd, slot) for fd, slot in child_ends),
+                    *_close_inherited(2),
+                ],
+                setsid=True,
+                setsigmask=(),
+                setsigdef=_CATCHABLE,
+            )
+        finally:
+            os.fchdir(previous)
+    except BaseException as exc:
+        os.close(out_r)
+        os.close(err_r)
+        if isinstance(exc, SpawnFailure):
+            raise
+        if isinstance(exc, FileNotFoundError):
+            raise SpawnFailure(f"executable not found: {argv[0]!r}", EXIT_CANNOT_EXEC) from exc
+        if isinstance(exc, PermissionError):
+            raise SpawnFailure(
+                f"executable not permitted: {argv[0]!r} (permission denied)", EXIT_CANNOT_EXEC
+            ) from exc
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOEXEC, errno.ENOTDIR, errno.ELOOP):
+            raise SpawnFailure(
+                f"cannot execute {argv[0]!r}: {exc.strerror}", EXIT_CANNOT_EXEC
+            ) from exc
+        raise
+    finally:
+        os.close(previous)
+        os.close(out_w)
+        os.close(err_w)
+    return pid, DirectPipes(stdout=out_r, stderr=err_r)
+
+
+_CATCHABLE = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
 
 
 def _has_exited(pid: int) -> bool:

@@ -19,7 +19,7 @@ from jobrunner.local.apierror import not_found
 from jobrunner.local.clock import Clock
 from jobrunner.local.persist import Store
 from jobrunner.local.records import AppRecord, EventRecord, MachineRecord
-from jobrunner.local.supervisor import ProcessHandle
+from jobrunner.local.supervisor import MachineProcess
 from jobrunner.machines.models import MachineEvent, MachineRequest
 
 __all__ = ["Registry", "Runtime", "Transition"]
@@ -41,7 +41,7 @@ class Transition:
 class Runtime:
     """What the server knows about a machine's process right now (never persisted)."""
 
-    handle: ProcessHandle | None = None
+    handle: MachineProcess | None = None
     task: asyncio.Task[None] | None = None  # supervises the current boot, from launch to exit
     # Why the process is being stopped, decided by whoever asked: "stop", "restart", "destroy",
     # "replace" (update) or "shutdown" (the server is stopping). None: it exited on its own.
@@ -68,6 +68,13 @@ class Registry:
         self.machines: dict[str, MachineRecord] = {}
         self._runtimes: dict[str, Runtime] = {}
         self.closing = False
+        # Writes wait for the end of the loop iteration, so the several changes one action
+        # makes to a machine (state, event, state) cost one transaction and one JSON document,
+        # not one each. flush_writes() runs before any HTTP answer leaves (server.py), before
+        # the shim is told a record is stored, and at shutdown.
+        self._dirty: dict[str, MachineRecord] = {}
+        self._new_events: list[tuple[str, EventRecord]] = []
+        self._flush_handle: asyncio.Handle | None = None
 
     def load(self) -> None:
         self.apps = {app.name: app for app in self.store.load_apps()}
@@ -103,6 +110,7 @@ class Registry:
 
     def forget(self, machine_id: str) -> None:
         """Drop a machine entirely (retention expired, or its app was deleted)."""
+        self.flush_writes()
         self.machines.pop(machine_id, None)
         self._runtimes.pop(machine_id, None)
         self.store.delete_machine(machine_id)
@@ -113,7 +121,32 @@ class Registry:
 
     def save(self, machine: MachineRecord) -> None:
         machine.updated_at = self.now()
-        self.store.save_machine(machine)
+        self._dirty[machine.id] = machine
+        self._schedule_flush()
+
+    def flush_writes(self) -> None:
+        """Write the machines and events changed since the last flush, in one transaction."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._dirty and not self._new_events:
+            return
+        dirty, self._dirty = self._dirty, {}
+        events, self._new_events = self._new_events, []
+        with self.store.batch():
+            for machine_id, record in events:
+                self.store.add_event(machine_id, record)
+            for machine in dirty.values():
+                self.store.save_machine(machine)
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (start-up, tools): write at once
+                self.flush_writes()
+                return
+            self._flush_handle = loop.call_soon(self.flush_writes)
 
     def set_state(self, machine: MachineRecord, state: str) -> None:
         """Enter ``state``: record it, persist it and wake the waiters."""
@@ -143,9 +176,10 @@ class Registry:
         )
         record = EventRecord(event=event, seq=machine.take_seq())
         machine.events.insert(0, record)
-        self.store.add_event(machine.id, record)
+        self._new_events.append((machine.id, record))
         if len(machine.events) > MAX_EVENTS:
             del machine.events[MAX_EVENTS:]
+            self.flush_writes()  # the pending inserts first, then the delete
             self.store.drop_events_before(machine.id, machine.events[-1].seq)
         self.save(machine)
         self.notify(machine)

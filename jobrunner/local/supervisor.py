@@ -1,11 +1,18 @@
 """The local backend's process supervisor: run one machine's program as a local process.
 
-`launch()` starts the launcher (jobrunner/local/launcher.py) in a new session; the launcher joins a
-memory cgroup, sets CPU affinity, places config files in a private mount namespace and execs the
-program (same pid, so signals reach it). Its stdout/stderr are read by the event loop and handed
-to `on_output` line by line. `ProcessHandle` signals the process group, and `wait()` returns a
-`ProcessExit` once the program has exited, its leftover children are killed and its output is
-delivered.
+`launch()` starts the program in a new session. A machine without files or mounts is started
+directly with posix_spawn: it is born in its memory cgroup and with its CPU affinity (the calling
+thread takes both for the instant of the spawn), so no interpreter runs per machine. A machine
+with files goes through the launcher (jobrunner/local/launcher.py), which joins the memory
+cgroup, sets CPU affinity, places config files in a private mount namespace and execs the
+program (same pid, so signals reach it). The program's stdout/stderr are read by the event loop
+and handed to `on_output` line by line.
+
+`ProcessHandle` signals the process group, and `wait()` returns a `ProcessExit` once the
+program has exited, its leftover children are killed and its output is delivered.
+
+In the local server this runs inside the shim (shim.py), the long-lived parent of every
+machine's process, not in the API server.
 
 Everything runs on the event loop, without a thread per process, so hundreds of machines can run
 at once. Memory limits use a cgroup (see proc_cgroup) or, where cgroups are unavailable, one
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import marshal
@@ -25,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 from jobrunner.local import proc_spawn
 from jobrunner.local.proc_cgroup import MemoryCgroup, find_cgroup_root
@@ -44,6 +52,7 @@ __all__ = [
     "DEFAULT_HOME",
     "DEFAULT_PATH",
     "FileSpec",
+    "MachineProcess",
     "MemoryEnforcement",
     "OutputCallback",
     "ProcessExit",
@@ -52,6 +61,8 @@ __all__ = [
     "job_environment",
     "kill_orphan_group",
     "launch",
+    "needs_launcher",
+    "own_children",
     "pid_alive",
     "resolve_argv",
 ]
@@ -93,6 +104,34 @@ class ProcessSpec:
     memory_mb: int | None  # exceeding it kills the process with oom_killed=True
     workdir: Path  # private scratch directory; the process's working directory
     name: str = ""  # machine id, for cgroup names and log messages
+    # Volumes: (directory on this computer, absolute path in the machine), bind-mounted by the
+    # launcher in the process's private mount namespace (see proc_files.bind_volumes).
+    mounts: tuple[tuple[str, str], ...] = ()
+
+
+class MachineProcess(Protocol):
+    """What the lifecycle needs of a machine's process: a ProcessHandle (this process is its
+    parent) or a shim_client.RemoteHandle (the shim is)."""
+
+    pid: int
+    started_at: datetime
+
+    @property
+    def exited(self) -> bool: ...
+
+    async def wait(self) -> ProcessExit: ...
+
+    async def stop(self, signal: int = ..., timeout: float = ...) -> ProcessExit: ...
+
+    def send_signal(self, signal: int) -> None: ...
+
+    def suspend(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def release(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -162,6 +201,7 @@ def _launcher_spec(spec: ProcessSpec, cgroup: MemoryCgroup | None) -> bytes:
             "cgroup_procs": str(cgroup.procs_file) if cgroup else None,
             "workdir": str(spec.workdir),
             "stage_dir": str(Path(spec.workdir) / STAGE_DIR_NAME),
+            "mounts": [list(mount) for mount in spec.mounts],
         }
     )
 
@@ -201,6 +241,14 @@ def _parse_status(data: bytes) -> tuple[str, int] | None:
 
 
 _supervising: set[asyncio.Task[None]] = set()
+# Pids of children some ProcessHandle will reap itself: a subreaper's sweep of other orphans
+# must leave these alone (see shim.py).
+_own_children: set[int] = set()
+
+
+def own_children() -> frozenset[int]:
+    """Pids of started processes not yet reaped by their handle."""
+    return frozenset(_own_children)
 
 
 class ProcessHandle:
@@ -229,6 +277,8 @@ class ProcessHandle:
         self._stage_dir = stage_dir
         self._exit: asyncio.Future[ProcessExit] = asyncio.get_running_loop().create_future()
         self._reaped = pid <= 0  # once reaped, the pid may be reused: never signal it again
+        if pid > 0:
+            _own_children.add(pid)
         self._requested_stop = False
         self._suspended = False
         self._oom_flag = False
@@ -236,6 +286,9 @@ class ProcessHandle:
         self._outputs: list[OutputPipeProtocol] = []
         self._status: asyncio.Future[bytes] | None = None
         self._task: asyncio.Task[None] | None = None
+        # Set when a set-up step done from this side after a direct spawn failed (the process
+        # was killed): reported like a launcher's set-up failure.
+        self._setup_error: tuple[str, int] | None = None
 
     def __repr__(self) -> str:
         state = "exited" if self.exited else "running"
@@ -283,6 +336,9 @@ class ProcessHandle:
             self._requested_stop = True
         self._signal(signals.SIGKILL)
 
+    def release(self) -> None:
+        """The exit has been recorded by whoever consumes it (nothing to do in-process)."""
+
     def _signal(self, sig: int) -> None:
         if self._reaped or self._exit.done():
             return
@@ -299,6 +355,8 @@ class ProcessHandle:
             )
             del files[stream]
             self._outputs.append(protocol)
+        if "status" not in files:  # started directly: no launcher, so no status pipe
+            return
         _, status = await loop.connect_read_pipe(CollectPipeProtocol, files["status"])
         del files["status"]
         self._status = status.done
@@ -356,11 +414,14 @@ class ProcessHandle:
             self._cgroup.kill_all()
         status = proc_spawn.reap(self.pid)
         self._reaped = True
+        _own_children.discard(self.pid)
         exited_at = utc_now()
         if self._watchdog is not None:
             self._watchdog.unwatch(self.pid)
         await self._drain_output()
         setup = _parse_status(await self._status) if self._status is not None else None
+        if setup is None and self._setup_error is not None:
+            setup = self._setup_error
         oom = self._oom_flag or (self._cgroup is not None and self._cgroup.oom_kills() > 0)
         await self._remove_cgroup()
         if self._stage_dir is not None:
@@ -435,6 +496,8 @@ async def launch(
     """
     _validate(spec)
     cgroup = _memory_cgroup(spec, memory_enforcement)
+    if not needs_launcher(spec):
+        return await _launch_direct(spec, cgroup, on_output)
     stage_dir = Path(spec.workdir) / STAGE_DIR_NAME if spec.files else None
     started_at = utc_now()
     try:
@@ -491,11 +554,157 @@ async def _start(
         handle._signal(signals.SIGKILL)
 
 
-def _not_started(spec: ProcessSpec, started_at: datetime, error: str) -> ProcessHandle:
+def needs_launcher(spec: ProcessSpec) -> bool:
+    """Whether the job needs a set-up step inside its own process before exec.
+
+    Files (and volume mounts) go into a private mount namespace, which only the process itself
+    can enter; everything else (cgroup, affinity, cwd, environment, signals) is done from here,
+    so most machines start without an interpreter of their own.
+    """
+    return bool(spec.files) or bool(spec.mounts)
+
+
+async def _launch_direct(
+    spec: ProcessSpec, cgroup: MemoryCgroup | None, on_output: OutputCallback
+) -> ProcessHandle:
+    started_at = utc_now()
+    # The job must be in its cgroup from its first instruction (a child it forks at once must
+    # not escape the limit), and posix_spawn cannot place it there: so this process joins the
+    # job's cgroup for the duration of the spawn, and the child is born inside it.
+    joined = cgroup is not None and _enter_cgroup(cgroup)
+    # Likewise the CPU affinity: this thread takes the job's mask for the spawn, so the job
+    # never runs on other CPUs, not even before its first instruction.
+    own_cpus = _narrow_cpus(spec.cpus)
+    try:
+        pid, pipes = proc_spawn.spawn_direct(
+            list(spec.argv), job_environment(spec.env), str(spec.workdir)
+        )
+    except proc_spawn.SpawnFailure as failure:
+        if cgroup is not None:
+            cgroup.remove()
+        return _not_started(spec, started_at, failure.message, failure.exit_code)
+    except OSError as exc:
+        if cgroup is not None:
+            cgroup.remove()
+        return _not_started(spec, started_at, f"cannot start the process: {exc}")
+    finally:
+        if own_cpus is not None:
+            os.sched_setaffinity(0, own_cpus)
+        if joined:
+            assert cgroup is not None
+            _leave_cgroup(cgroup)
+    handle = ProcessHandle(pid, started_at, spec.name, cgroup=cgroup)
+    # What could not be done through inheritance is done from here, right after the spawn.
+    handle._setup_error = _set_up_from_parent(
+        pid, None if own_cpus is not None else spec.cpus, None if joined else cgroup
+    )
+    if handle._setup_error is not None:
+        proc_spawn.signal_group(pid, signals.SIGKILL)
+    files: dict[str, BinaryIO] = {
+        "stdout": os.fdopen(pipes.stdout, "rb", buffering=0),
+        "stderr": os.fdopen(pipes.stderr, "rb", buffering=0),
+    }
+    try:
+        await handle._attach(files, on_output)
+        if spec.memory_mb is not None and cgroup is None:
+            handle._watch_memory(spec.memory_mb * 1024 * 1024)
+    except BaseException:
+        handle.kill()
+        raise
+    finally:
+        for leftover in files.values():
+            leftover.close()
+        handle._start_supervising()
+    return handle
+
+
+def _enter_cgroup(cgroup: MemoryCgroup) -> bool:
+    """Move this process into `cgroup`; False when it may not (the job is moved after spawn)."""
+    try:
+        cgroup.procs_file.write_text(str(os.getpid()))
+    except OSError:
+        return False
+    return True
+
+
+def _leave_cgroup(cgroup: MemoryCgroup) -> None:
+    """Move this process back to its own cgroup: the parent of the jobrunner cgroups."""
+    home = cgroup.root.path.parent / "cgroup.procs"
+    try:
+        home.write_text(str(os.getpid()))
+    except OSError as exc:
+        logger.error(
+            "cannot move the supervisor back to its cgroup %s: %s", home, exc,
+            extra={"action": "cgroup"},
+        )  # fmt: skip
+
+
+def _narrow_cpus(cpus: int | None) -> set[int] | None:
+    """Limit this thread to the job's first `cpus` CPUs; returns the mask to restore (None:
+    nothing was changed, because no limit is asked or it failed: then it is set after)."""
+    if not cpus:
+        return None
+    own = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, _job_cpus(own, cpus))
+    except OSError:
+        return None
+    return own
+
+
+def _job_cpus(allowed: set[int], cpus: int) -> list[int]:
+    """`cpus` of the `allowed` CPUs, starting with the one this thread runs on.
+
+    Starting there means the spawning thread need not migrate, and jobs spread over the CPUs
+    instead of all being pinned to the first ones.
+    """
+    ordered = sorted(allowed)
+    current = _current_cpu()
+    if current in allowed:
+        start = ordered.index(current)
+        ordered = ordered[start:] + ordered[:start]
+    return ordered[: max(1, cpus)]
+
+
+_sched_getcpu: Callable[[], int] | None = None
+
+
+def _current_cpu() -> int:
+    global _sched_getcpu
+    if _sched_getcpu is None:
+        try:
+            _sched_getcpu = ctypes.CDLL(None).sched_getcpu
+        except (OSError, AttributeError):
+            _sched_getcpu = lambda: -1  # noqa: E731 - no libc symbol: keep the sorted order
+    assert _sched_getcpu is not None
+    return int(_sched_getcpu())
+
+
+def _set_up_from_parent(
+    pid: int, cpus: int | None, cgroup: MemoryCgroup | None
+) -> tuple[str, int] | None:
+    """Join the memory cgroup and limit CPUs for `pid`; (error, exit code) when it fails."""
+    if cgroup is not None:
+        try:
+            cgroup.procs_file.write_text(str(pid))
+        except OSError as exc:
+            return f"cannot join the memory cgroup {str(cgroup.procs_file)!r}: {exc}", 1
+    if cpus:
+        allowed = sorted(os.sched_getaffinity(0))
+        try:
+            os.sched_setaffinity(pid, allowed[: max(1, cpus)])
+        except OSError as exc:
+            return f"cannot limit the process to {cpus} CPU(s): {exc}", 1
+    return None
+
+
+def _not_started(
+    spec: ProcessSpec, started_at: datetime, error: str, exit_code: int = 1
+) -> ProcessHandle:
     handle = ProcessHandle(0, started_at, spec.name)
     handle._finish(
         ProcessExit(
-            exit_code=1,
+            exit_code=exit_code,
             signal=None,
             oom_killed=False,
             requested_stop=False,

@@ -21,6 +21,7 @@ from .local_harness import (
     reach,
     wait_for,
 )
+from .readiness import READY, wait_ready
 
 ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -150,9 +151,9 @@ async def test_update_cannot_rename(api: httpx.AsyncClient) -> None:
 
 
 async def test_stop_uses_the_signal_and_records_a_requested_stop(api: httpx.AsyncClient) -> None:
-    script = "trap 'echo got-term; exit 42' TERM; while true; do sleep 0.05; done"
+    script = f"trap 'echo got-term; exit 42' TERM; {READY}; while true; do sleep 0.05; done"
     machine = await create_machine(api, command_config("sh", "-c", script))
-    await reach(api, machine["id"], "started")
+    await wait_ready(api, machine["id"])
     url = f"/v1/apps/{APP}/machines/{machine['id']}"
     response = await api.post(url + "/stop", json={"signal": "SIGTERM", "timeout": "5s"})
     assert response.status_code == 200 and response.json() == {"ok": True}
@@ -175,8 +176,9 @@ async def test_stop_without_a_body_sends_sigint(api: httpx.AsyncClient) -> None:
 
 
 async def test_stop_escalates_to_sigkill_after_the_timeout(api: httpx.AsyncClient) -> None:
-    machine = await create_machine(api, command_config("sh", "-c", "trap '' INT TERM; sleep 30"))
-    await reach(api, machine["id"], "started")
+    script = f"trap '' INT TERM; {READY}; sleep 30"
+    machine = await create_machine(api, command_config("sh", "-c", script))
+    await wait_ready(api, machine["id"])
     url = f"/v1/apps/{APP}/machines/{machine['id']}"
     await api.post(url + "/stop", json={"timeout": "200ms"})
     await reach(api, machine["id"], "stopped", timeout=5)
@@ -186,11 +188,11 @@ async def test_stop_escalates_to_sigkill_after_the_timeout(api: httpx.AsyncClien
 
 async def test_stop_config_applies_when_the_body_names_no_signal(api: httpx.AsyncClient) -> None:
     config = command_config(
-        "sh", "-c", "trap 'exit 11' USR1; while true; do sleep 0.05; done",
+        "sh", "-c", f"trap 'exit 11' USR1; {READY}; while true; do sleep 0.05; done",
         stop_config={"signal": "SIGUSR1", "timeout": "5s"},
     )  # fmt: skip
     machine = await create_machine(api, config)
-    await reach(api, machine["id"], "started")
+    await wait_ready(api, machine["id"])
     await api.post(f"/v1/apps/{APP}/machines/{machine['id']}/stop")
     await reach(api, machine["id"], "stopped")
     assert exit_events(await get_machine(api, machine["id"]))[0]["exit_code"] == 11
@@ -211,8 +213,10 @@ async def test_start_after_stop_runs_the_same_instance_again(api: httpx.AsyncCli
 
 
 async def test_start_while_stopping_is_refused(api: httpx.AsyncClient) -> None:
-    machine = await create_machine(api, command_config("sh", "-c", "trap '' INT; sleep 30"))
-    await reach(api, machine["id"], "started")
+    machine = await create_machine(
+        api, command_config("sh", "-c", f"trap '' INT; {READY}; sleep 30")
+    )
+    await wait_ready(api, machine["id"])
     url = f"/v1/apps/{APP}/machines/{machine['id']}"
     await api.post(url + "/stop", json={"timeout": "3s"})
     response = await api.post(url + "/start")
@@ -256,9 +260,9 @@ async def test_restart_runs_the_program_again(api: httpx.AsyncClient) -> None:
 
 
 async def test_signal_by_name_and_by_number(api: httpx.AsyncClient) -> None:
-    script = "trap 'echo usr1' USR1; trap 'exit 5' TERM; while true; do sleep 0.05; done"
+    script = f"trap 'echo usr1' USR1; trap 'exit 5' TERM; {READY}; while true; do sleep 0.05; done"
     machine = await create_machine(api, command_config("sh", "-c", script))
-    await reach(api, machine["id"], "started")
+    await wait_ready(api, machine["id"])
     url = f"/v1/apps/{APP}/machines/{machine['id']}"
     assert (await api.post(url + "/signal", json={"signal": "SIGUSR1"})).status_code == 200
     assert (await api.post(url + "/signal", json={"signal": 15})).status_code == 200
@@ -334,12 +338,13 @@ async def test_unimplemented_endpoints_answer_404_with_the_fly_body(
     for response in (
         await api.post(url + "/exec", json={"cmd": "ls"}),
         await api.get(url + "/ps"),
-        await api.get("/v1/apps/x/volumes"),
     ):
         assert response.status_code == 404
         assert set(response.json()) == {"error"}
     wrong_method = await api.put(url)
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+    # The allow header lists every method of the path, not just the first route's.
+    assert wrong_method.headers["allow"] == "GET, HEAD, POST, DELETE"
 
 
 async def test_the_image_is_recorded_not_pulled_and_the_log_says_so_once(

@@ -18,6 +18,7 @@ from .local_harness import (
     reach,
     wait_for,
 )
+from .readiness import READY, wait_ready
 
 
 async def test_wait_answers_ok_once_started(api: httpx.AsyncClient) -> None:
@@ -97,8 +98,10 @@ async def test_several_states_any_of_them(api: httpx.AsyncClient) -> None:
 
 
 async def test_settled_waits_out_transitional_states(api: httpx.AsyncClient) -> None:
-    machine = await create_machine(api, command_config("sh", "-c", "trap '' INT; sleep 30"))
-    await reach(api, machine["id"], "started")
+    machine = await create_machine(
+        api, command_config("sh", "-c", f"trap '' INT; {READY}; sleep 30")
+    )
+    await wait_ready(api, machine["id"])
     url = f"/v1/apps/{APP}/machines/{machine['id']}"
     await api.post(url + "/stop", json={"timeout": "300ms"})
     assert (await get_machine(api, machine["id"]))["state"] == "stopping"

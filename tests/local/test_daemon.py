@@ -19,7 +19,8 @@ from jobrunner.local import LocalEndpoint, ensure_running, read_token
 from jobrunner.local.cli import local
 from jobrunner.local.daemon import ensure_token, server_status, stop_server
 
-from .local_harness import start_server
+from .local_harness import command_config, machine_pids, start_server
+from .shim_helpers import end_shim, eventually, shim_pids
 
 
 def _free_port() -> int:
@@ -34,7 +35,8 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
     try:
         yield directory
     finally:
-        stop_server(directory, timeout=10)
+        stop_server(directory, timeout=10, stop_machines=True)
+        assert end_shim(directory)
 
 
 def test_ensure_running_starts_once_and_then_reuses(state_dir: Path) -> None:
@@ -179,3 +181,38 @@ def test_cli_serve_rejects_a_bad_retention(state_dir: Path) -> None:
         local, ["serve", "--state-dir", str(state_dir), "--retention", "forever"]
     )
     assert result.exit_code == 2 and "retention" in result.output
+
+
+def test_cli_stop_leaves_machines_running_and_stop_machines_ends_them(state_dir: Path) -> None:
+    runner = CliRunner()
+    args = ["--state-dir", str(state_dir)]
+    started = runner.invoke(local, ["start", *args, "--port", str(_free_port()), "--json"])
+    assert started.exit_code == 0, started.output
+    endpoint = ensure_running(state_dir)
+    headers = {"Authorization": f"Bearer {endpoint.token}"}
+    with httpx.Client(base_url=endpoint.base_url, headers=headers, trust_env=False) as api:
+        body = {"config": command_config("sleep", "600")}
+        machine = api.post("/v1/apps/jobrunner-local/machines", json=body).json()
+        wait = api.get(
+            f"/v1/apps/jobrunner-local/machines/{machine['id']}/wait",
+            params={"state": "started", "timeout": 30},
+            timeout=40,
+        )
+        assert wait.status_code == 200, wait.text
+    assert eventually(lambda: bool(machine_pids(machine["id"])))
+    pids = machine_pids(machine["id"])
+
+    stopped = runner.invoke(local, ["stop", *args, "--json"])
+    assert stopped.exit_code == 0, stopped.output
+    assert json.loads(stopped.output) == {
+        "stopped": True, "stop_machines": False, "state_dir": str(state_dir),
+    }  # fmt: skip
+    assert machine_pids(machine["id"]) == pids and shim_pids(state_dir)
+
+    again = ensure_running(state_dir, port=_free_port())
+    with httpx.Client(base_url=again.base_url, headers=headers, trust_env=False) as api:
+        adopted = api.get(f"/v1/apps/jobrunner-local/machines/{machine['id']}").json()
+        assert adopted["state"] == "started"
+    ended = runner.invoke(local, ["stop", *args, "--stop-machines"])
+    assert ended.exit_code == 0 and "machines stopped" in ended.output
+    assert not machine_pids(machine["id"]) and not shim_pids(state_dir)

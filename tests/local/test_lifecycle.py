@@ -16,9 +16,11 @@ from .local_harness import (
     create_machine,
     exit_events,
     get_machine,
+    machine_pids,
     reach,
     wait_for,
 )
+from .readiness import READY, wait_ready
 
 LOGS = f"/api/v1/apps/{APP}/logs"
 
@@ -107,10 +109,10 @@ async def test_exceeding_guest_memory_is_an_oom_kill(api: httpx.AsyncClient) -> 
 
 async def test_stop_config_timeout_bounds_the_grace_period(api: httpx.AsyncClient) -> None:
     # The program ignores its stop signal; stop_config's 300 ms (not the default 5 s) apply.
-    script = "trap '' USR1; while true; do sleep 0.05; done"
+    script = f"trap '' USR1; {READY}; while true; do sleep 0.05; done"
     stop_config = {"signal": "SIGUSR1", "timeout": "300ms"}
     machine = await create_machine(api, command_config("sh", "-c", script, stop_config=stop_config))
-    await reach(api, machine["id"], "started")
+    await wait_ready(api, machine["id"])
     await api.post(f"/v1/apps/{APP}/machines/{machine['id']}/stop")
     await reach(api, machine["id"], "stopped", timeout=3)
     [details] = exit_events(await get_machine(api, machine["id"]))
@@ -198,3 +200,21 @@ async def test_exec_overrides_entrypoint_and_cmd(api: httpx.AsyncClient) -> None
     other = await create_machine(api, config)
     await reach(api, other["id"], "stopped")
     assert await _output(api, other["id"]) == ["entry and-cmd"]
+
+
+async def test_a_machine_process_inherits_exactly_stdin_stdout_and_stderr(
+    api: httpx.AsyncClient,
+) -> None:
+    # Issue 9: no socket or file of the server or the shim may reach a job.
+    machine = await create_machine(api, command_config("sleep", "600"))
+    await reach(api, machine["id"], "started", timeout=30)
+    [pid] = machine_pids(machine["id"])
+    fds = sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+    targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
+    assert fds == [0, 1, 2], targets
+    assert targets[0] == "/dev/null" and all(t.startswith("pipe:") for t in targets[1:])
+    stop = await api.post(
+        f"/v1/apps/{APP}/machines/{machine['id']}/stop", json={"signal": "SIGKILL"}
+    )
+    assert stop.status_code == 200
+    await reach(api, machine["id"], "stopped", timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from .local_harness import (
     reach,
     start_server,
 )
+from .shim_helpers import end_shim, eventually, shim_pids
 
 
 def _gone(machine_id: str, within: float = 5.0) -> bool:
@@ -30,7 +32,8 @@ def _gone(machine_id: str, within: float = 5.0) -> bool:
 
 
 async def test_a_crashed_server_leaves_nothing_forgotten(tmp_path: Path) -> None:
-    first = start_server(tmp_path / "state")
+    state = tmp_path / "state"
+    first = start_server(state)
     try:
         async with first.client() as api:
             running = await create_machine(api, command_config("sleep", "60"))
@@ -49,19 +52,18 @@ async def test_a_crashed_server_leaves_nothing_forgotten(tmp_path: Path) -> None
             await api.post("/v1/apps", json={"app_name": "kept-app"})
     finally:
         first.stop(signal.SIGKILL)  # a crash: no clean shutdown at all
-    orphans = machine_pids(running["id"])
-    assert orphans, "the machine's process outlives a crashed server"
+    survivors = machine_pids(running["id"])
+    assert survivors, "the machine's process outlives a crashed server"
 
-    second = start_server(tmp_path / "state")
+    second = start_server(state)
     try:
         async with second.client() as api:
-            assert _gone(running["id"]) and _gone(one_off["id"])
-            lost = await get_machine(api, running["id"])
-            assert lost["state"] == "stopped"
-            details = exit_events(lost)[0]
-            assert details["exit_code"] == -1
-            assert details["error"] == "local backend restarted while the machine was running"
-            assert (await get_machine(api, one_off["id"]))["state"] == "destroyed"
+            # Re-adopted, as on Fly: still started, same process.
+            adopted = await get_machine(api, running["id"])
+            assert adopted["state"] == "started"
+            assert exit_events(adopted) == []
+            assert machine_pids(running["id"]) == survivors
+            assert (await get_machine(api, one_off["id"]))["state"] == "started"
             kept = await get_machine(api, done["id"])
             assert exit_events(kept)[0]["exit_code"] == 2
             assert kept["config"]["metadata"] == {"k": "v", "added": "later"}
@@ -72,12 +74,54 @@ async def test_a_crashed_server_leaves_nothing_forgotten(tmp_path: Path) -> None
                 f"/api/v1/apps/{APP}/logs", params={"instance": done["id"], "next_token": "0"}
             )
             assert [e["attributes"]["message"] for e in logs.json()["data"]] == ["kept"]
+            # The adopted process is still under control: stop it through the API.
+            stop = await api.post(f"/v1/apps/{APP}/machines/{running['id']}/stop")
+            assert stop.status_code == 200
+            await reach(api, running["id"], "stopped")
+            [details] = exit_events(await get_machine(api, running["id"]))
+            assert details["requested_stop"] is True and details["signal"] == signal.SIGINT
+            again = await api.post(f"/v1/apps/{APP}/machines/{running['id']}/start")
+            assert again.status_code == 200
+            await reach(api, running["id"], "started")
+    finally:
+        assert second.stop() is not None  # SIGTERM: stops the machines, then the shim goes
+    assert _gone(running["id"]) and _gone(one_off["id"])
+    assert end_shim(state)
+
+
+async def test_a_crash_of_server_and_shim_is_recorded_as_lost(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = start_server(state)
+    try:
+        async with first.client() as api:
+            running = await create_machine(api, command_config("sleep", "60"))
+            one_off = await create_machine(api, command_config("sleep", "60", auto_destroy=True))
+            for machine in (running, one_off):
+                await reach(api, machine["id"], "started")
+    finally:
+        first.stop(signal.SIGKILL)
+        for pid in shim_pids(state):
+            os.kill(pid, signal.SIGKILL)  # nothing is left that knows how the processes end
+    assert eventually(lambda: not shim_pids(state))
+    assert machine_pids(running["id"]), "orphaned when the shim died"
+
+    second = start_server(state)
+    try:
+        async with second.client() as api:
+            assert _gone(running["id"]) and _gone(one_off["id"])  # nobody could supervise them
+            lost = await get_machine(api, running["id"])
+            assert lost["state"] == "stopped"
+            details = exit_events(lost)[0]
+            assert details["exit_code"] == -1
+            assert details["error"] == "local backend restarted while the machine was running"
+            assert (await get_machine(api, one_off["id"]))["state"] == "destroyed"
             again = await api.post(f"/v1/apps/{APP}/machines/{running['id']}/start")
             assert again.status_code == 200
             await reach(api, running["id"], "started")
     finally:
         assert second.stop() is not None
     assert _gone(running["id"])
+    assert end_shim(state)
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
@@ -105,6 +149,7 @@ async def test_a_clean_shutdown_stops_machines_and_says_so(
             assert len(exit_events(stopped)) == 1
     finally:
         second.stop()
+    assert end_shim(tmp_path / "state")
 
 
 def test_two_servers_cannot_share_a_state_dir(tmp_path: Path) -> None:
@@ -118,3 +163,4 @@ def test_two_servers_cannot_share_a_state_dir(tmp_path: Path) -> None:
             raise AssertionError("a second server started on the same state dir")
     finally:
         first.stop()
+    assert end_shim(tmp_path / "state")

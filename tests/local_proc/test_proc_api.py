@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from jobrunner.local import proc_spawn
 from jobrunner.local.proc_cgroup import find_cgroup_root
 from jobrunner.local.supervisor import (
+    FileSpec,
     ProcessSpec,
     kill_orphan_group,
     launch,
@@ -78,13 +80,64 @@ async def test_launcher_that_cannot_start_gives_an_error_exit(
         raise OSError(24, "Too many open files")
 
     monkeypatch.setattr(proc_spawn, "spawn_launcher", no_fds)
-    spec = ProcessSpec(argv=["true"], env={}, files=[], cpus=None, memory_mb=None, workdir=workdir)
+    # Only machines with files go through the launcher.
+    files = [FileSpec("/etc/jobrunner-test/a", b"x")]
+    spec = ProcessSpec(
+        argv=["true"], env={}, files=files, cpus=None, memory_mb=None, workdir=workdir
+    )
     handle = await launch(spec, lambda *a: None)
     assert handle.exited
     result = await handle.wait()
     assert result.exit_code == 1
     assert result.error == "cannot start the local launcher: [Errno 24] Too many open files"
     handle.kill()  # no process behind it: must not signal anything
+
+
+async def test_a_direct_spawn_that_fails_gives_an_error_exit(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_fds(*args: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(proc_spawn, "spawn_direct", no_fds)
+    spec = ProcessSpec(argv=["true"], env={}, files=[], cpus=None, memory_mb=None, workdir=workdir)
+    handle = await launch(spec, lambda *a: None)
+    assert handle.exited
+    result = await handle.wait()
+    assert (result.exit_code, result.error) == (
+        1,
+        "cannot start the process: [Errno 24] Too many open files",
+    )
+    handle.kill()
+
+
+async def test_a_job_inherits_exactly_stdin_stdout_and_stderr(start: Starter) -> None:
+    for files in ([], [FileSpec("/etc/jobrunner-test/fds", b"x")]):  # direct and launcher paths
+        handle, _ = await start(["sleep", "30"], files=files)
+        fds = await _wait_fds(handle.pid)
+        assert sorted(int(fd) for fd in fds) == [0, 1, 2], [
+            os.readlink(f"/proc/{handle.pid}/fd/{fd}") for fd in fds
+        ]
+        assert os.readlink(f"/proc/{handle.pid}/fd/0") == "/dev/null"
+        for fd in ("1", "2"):
+            assert os.readlink(f"/proc/{handle.pid}/fd/{fd}").startswith("pipe:")
+        handle.kill()
+        await handle.wait()
+
+
+async def _wait_fds(pid: int) -> list[str]:
+    """The fds of `pid` once it runs the job (not the launcher, which still holds its status fd)."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            exe, fds = "", []
+        if exe.endswith("sleep"):
+            return fds
+        assert asyncio.get_running_loop().time() < deadline, f"pid {pid} never ran sleep"
+        await asyncio.sleep(0.01)
 
 
 async def test_pid_alive(start: Starter) -> None:

@@ -54,6 +54,26 @@ async def test_cpu_affinity_is_min_of_cpus_and_available(start: Starter, cpus: i
     assert output.lines() == [str(min(cpus, len(os.sched_getaffinity(0))))]
 
 
+async def test_limits_hold_from_the_first_instruction(start: Starter) -> None:
+    # A job started directly (no launcher) gets its CPU mask and memory cgroup by inheritance
+    # at the spawn, not a moment later: `nproc` and `cat` run long before Python could.
+    root, reason = find_cgroup_root()
+    assert root is not None, f"memory cgroups are expected on this machine: {reason}"
+    for _ in range(10):
+        handle, output = await start(["nproc"], cpus=1)
+        await handle.wait()
+        assert output.lines() == ["1"]
+        handle, output = await start(["cat", "/proc/self/cgroup"], memory_mb=64)
+        await handle.wait()
+        memory = [  # the memory hierarchy's line (v1), or the unified one (v2)
+            line
+            for line in output.lines()
+            if ("memory" in line.split(":")[1].split(","))
+            or (root.version == 2 and line.startswith("0::"))
+        ]
+        assert memory and "/jobrunner/" in memory[0], output.lines()
+
+
 async def test_memory_cgroup_kills_an_oversized_process(start: Starter) -> None:
     root, reason = find_cgroup_root()
     assert root is not None, f"memory cgroups are expected on this machine: {reason}"
