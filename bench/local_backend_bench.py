@@ -62,7 +62,7 @@ def _cpu(pid: int | None) -> tuple[float, float]:
 
 
 def _shim_pid(state_dir: Path) -> int | None:
-    wanted = [b"jobrunner.local.shim", str(state_dir).encode()]
+    wanted = [b"jobrunner.local.process.shim", str(state_dir).encode()]
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:

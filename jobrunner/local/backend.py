@@ -14,17 +14,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from jobrunner import __version__
-from jobrunner.local.clock import Clock, FakeClock, SystemClock
-from jobrunner.local.faults import FaultInjector
-from jobrunner.local.lifecycle import Lifecycle
-from jobrunner.local.logstore import LogStore
-from jobrunner.local.machines import MachineService
-from jobrunner.local.persist import Store
-from jobrunner.local.registry import Registry
-from jobrunner.local.retention import run_purger
-from jobrunner.local.schedule import ScheduleRunner
+from jobrunner.clock import SYSTEM_CLOCK, Clock
+from jobrunner.local.api.faults import FaultInjector
+from jobrunner.local.fleet.clock import FakeClock
+from jobrunner.local.fleet.lifecycle import Lifecycle
+from jobrunner.local.fleet.machines import MachineService
+from jobrunner.local.fleet.registry import Registry
+from jobrunner.local.fleet.retention import run_purger
+from jobrunner.local.fleet.schedule import ScheduleRunner
+from jobrunner.local.process.shim_client import ShimClient
 from jobrunner.local.settings import ServerSettings
-from jobrunner.local.shim_client import ShimClient
+from jobrunner.local.state.database import StateDatabase
+from jobrunner.local.state.logstore import LogStore
 from jobrunner.local.statefiles import DB_FILE, SERVICE_NAME, make_state_dir
 
 __all__ = ["LocalBackend"]
@@ -47,10 +48,10 @@ class LocalBackend:
         #: On stop: True stops every machine and records its exit (the old, in-process way);
         #: False leaves them to the shim for the next server to adopt.
         self.stop_machines = stop_machines
-        self.clock: Clock = clock or (FakeClock() if settings.fake_clock else SystemClock())
+        self.clock: Clock = clock or (FakeClock() if settings.fake_clock else SYSTEM_CLOCK)
         self.faults = FaultInjector(settings.faults)
         make_state_dir(settings.state_dir)
-        self.store = Store(settings.state_dir / DB_FILE)
+        self.store = StateDatabase(settings.state_dir / DB_FILE)
         self.registry = Registry(self.store, self.clock)
         self.logs = LogStore(self.store)
         # The shim is the parent of the machines' processes, so they outlive this server.

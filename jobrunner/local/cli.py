@@ -15,7 +15,8 @@ from typing import Any
 import click
 
 from jobrunner.errors import ConfigError
-from jobrunner.local.apierror import ApiError
+from jobrunner.local.api.errors import ApiError
+from jobrunner.local.api.validate import parse_duration
 from jobrunner.local.settings import (
     ADMIN_ENV,
     DEFAULT_APP,
@@ -26,7 +27,6 @@ from jobrunner.local.settings import (
     default_state_dir,
     faults_from_env,
 )
-from jobrunner.local.validate import parse_duration
 
 __all__ = ["EXIT_NOT_RUNNING", "local"]
 

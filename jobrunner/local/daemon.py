@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from jobrunner.errors import ConfigError
+from jobrunner.local.process.supervisor import pid_alive
 from jobrunner.local.settings import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -39,7 +40,6 @@ from jobrunner.local.statefiles import (
     make_state_dir,
     read_server_info,
 )
-from jobrunner.local.supervisor import pid_alive
 
 __all__ = [
     "LocalEndpoint",
@@ -206,7 +206,9 @@ def stop_server(
 
 def wait_shim_gone(state_dir: Path, timeout: float = 10.0) -> bool:
     """Wait until no shim serves ``state_dir`` (it holds ``shim.lock`` while it runs)."""
-    from jobrunner.local.shim import SHIM_LOCK_FILE  # not at import: `-m ...shim` imports this
+    from jobrunner.local.process.shim import (
+        SHIM_LOCK_FILE,  # not at import: `-m ...shim` imports this
+    )
 
     try:
         fd = os.open(state_dir / SHIM_LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)

@@ -27,7 +27,7 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobrunner.errors import ConfigError
-from jobrunner.local.app import build_app
+from jobrunner.local.api.app import build_app
 from jobrunner.local.backend import LocalBackend
 from jobrunner.local.settings import ServerSettings, base_url
 from jobrunner.local.statefiles import INFO_FILE, LOCK_FILE, make_state_dir, read_server_info

@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from jobrunner.errors import ConfigError
-from jobrunner.local.faults import FaultConfig
+from jobrunner.local.api.faults import FaultConfig
 
 __all__ = [
     "ADMIN_ENV",

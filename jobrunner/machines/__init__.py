@@ -40,7 +40,7 @@ from jobrunner.machines.models import (
     WaitState,
 )
 from jobrunner.machines.ratelimit import Limit, RateLimiter
-from jobrunner.machines.retry import RetryPolicy
+from jobrunner.machines.retry import RequestRetryPolicy
 from jobrunner.machines.sync import MachinesClient
 
 __all__ = [
@@ -70,7 +70,7 @@ __all__ = [
     "ProcessStat",
     "RateLimited",
     "RateLimiter",
-    "RetryPolicy",
+    "RequestRetryPolicy",
     "Secret",
     "ServerError",
     "Unauthorized",

@@ -25,7 +25,7 @@ from jobrunner.machines.clock import SYSTEM_CLOCK, Clock
 from jobrunner.machines.config import ClientConfig
 from jobrunner.machines.errors import MachinesConnectionError, error_from_response
 from jobrunner.machines.ratelimit import Limiter, RateLimiter
-from jobrunner.machines.retry import RetryPolicy, is_transient, nothing_happened, retry_call
+from jobrunner.machines.retry import RequestRetryPolicy, is_transient, nothing_happened, retry_call
 
 __all__ = ["NONCE_HEADER", "ClientBase", "default_transport"]
 
@@ -139,7 +139,7 @@ class ClientBase:
         logs_base_url: str | None = None,
         config: ClientConfig | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        retry: RetryPolicy | None = None,
+        retry: RequestRetryPolicy | None = None,
         rate_limit: bool = True,
         timeout: float = 30.0,
         user_agent: str | None = None,
@@ -149,7 +149,7 @@ class ClientBase:
         self._config = (config or ClientConfig()).with_overrides(
             app=app, token=token, base_url=base_url, logs_base_url=logs_base_url
         )
-        self._retry = retry or RetryPolicy()
+        self._retry = retry or RequestRetryPolicy()
         self._clock = clock or SYSTEM_CLOCK
         # ``limiter`` replaces the in-process buckets, e.g. with buckets shared through the ledger.
         self._limiter: Limiter | None = None
@@ -252,7 +252,7 @@ class ClientBase:
         nonce: str | None = None,
         timeout: httpx.Timeout | None = None,
         logs_api: bool = False,
-        retry: RetryPolicy | None = None,
+        retry: RequestRetryPolicy | None = None,
     ) -> httpx.Response:
         """Send one call with rate limiting and retries; return the 2xx response or raise.
 

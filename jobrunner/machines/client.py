@@ -54,7 +54,7 @@ from jobrunner.machines.models import (
     UpdateMachineRequest,
     WaitState,
 )
-from jobrunner.machines.retry import NO_RETRY, RetryPolicy
+from jobrunner.machines.retry import NO_RETRY, RequestRetryPolicy
 from jobrunner.machines.volumes import VolumeEndpoints
 from jobrunner.machines.wait import (
     DEFAULT_NOT_FOUND_GRACE,
@@ -613,7 +613,7 @@ class AsyncMachinesClient(MachineIntrospection, VolumeEndpoints):
         instance: str | None,
         region: str | None,
         next_token: str | None,
-        retry: RetryPolicy,
+        retry: RequestRetryPolicy,
     ) -> LogsPage:
         # fly-go always sends next_token (empty at first) and leaves out empty filters.
         params: Params = [("next_token", next_token or "")]

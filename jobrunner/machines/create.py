@@ -39,7 +39,7 @@ from jobrunner.machines.errors import (
     ValidationFailed,
 )
 from jobrunner.machines.models import Machine, MachineConfig
-from jobrunner.machines.retry import RetryPolicy, nothing_happened
+from jobrunner.machines.retry import RequestRetryPolicy, nothing_happened
 
 __all__ = [
     "SUBMIT_ID_KEY",
@@ -88,7 +88,7 @@ async def create_without_duplicates(
     post: Callable[[], Awaitable[Machine]],
     find: Callable[[], Awaitable[Machine | None]],
     submit_id: str,
-    policy: RetryPolicy,
+    policy: RequestRetryPolicy,
     clock: Clock,
 ) -> Machine:
     """Send the create via ``post`` until it succeeds, following the module docstring's rules.

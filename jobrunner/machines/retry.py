@@ -51,7 +51,7 @@ from jobrunner.machines.errors import (
 
 __all__ = [
     "NO_RETRY",
-    "RetryPolicy",
+    "RequestRetryPolicy",
     "is_transient",
     "nothing_happened",
     "retry_call",
@@ -64,7 +64,7 @@ TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
+class RequestRetryPolicy:
     """How often and how long to retry; see the module docstring for what is retried."""
 
     max_attempts: int = 5
@@ -106,7 +106,7 @@ class RetryPolicy:
         return None if elapsed + delay > self.max_total else delay
 
 
-NO_RETRY = RetryPolicy(max_attempts=1)
+NO_RETRY = RequestRetryPolicy(max_attempts=1)
 
 
 def is_transient(exc: MachinesError) -> bool:
@@ -128,7 +128,7 @@ def nothing_happened(exc: MachinesError) -> bool:
 async def retry_call(
     op: Callable[[], Awaitable[T]],
     *,
-    policy: RetryPolicy,
+    policy: RequestRetryPolicy,
     clock: Clock,
     should_retry: Callable[[MachinesError], bool],
     what: str,

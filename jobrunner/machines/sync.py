@@ -30,7 +30,7 @@ from jobrunner.machines.models import (
     WaitState,
 )
 from jobrunner.machines.ratelimit import Limiter
-from jobrunner.machines.retry import RetryPolicy
+from jobrunner.machines.retry import RequestRetryPolicy
 from jobrunner.machines.wait import DEFAULT_NOT_FOUND_GRACE
 
 __all__ = ["MachinesClient"]
@@ -69,7 +69,7 @@ class MachinesClient:
         logs_base_url: str | None = None,
         config: ClientConfig | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        retry: RetryPolicy | None = None,
+        retry: RequestRetryPolicy | None = None,
         rate_limit: bool = True,
         timeout: float = 30.0,
         user_agent: str | None = None,

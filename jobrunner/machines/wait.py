@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from jobrunner.machines.clock import Clock
 from jobrunner.machines.errors import MachineDestroyed, MachinesError, NotFound, WaitTimeout
 from jobrunner.machines.models import Machine, WaitState
-from jobrunner.machines.retry import RetryPolicy, is_transient
+from jobrunner.machines.retry import RequestRetryPolicy, is_transient
 
 __all__ = [
     "DEFAULT_NOT_FOUND_GRACE",
@@ -91,7 +91,7 @@ async def wait_for_state(
     poll: Callable[[int], Awaitable[None]],
     get_machine: Callable[[], Awaitable[Machine]],
     path: str,
-    retry: RetryPolicy,
+    retry: RequestRetryPolicy,
 ) -> None:
     """Poll until one of ``states`` is reached, or raise (see the module docstring).
 

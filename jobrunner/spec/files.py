@@ -3,16 +3,22 @@
 Each entry has an absolute ``guest_path`` and exactly one source: ``content`` (text in the job
 file), ``source`` (a local file, relative to the job file's folder and inside it or a folder of
 ``$JOBRUNNER_FILES_ROOT``, read at load time and sent base64) or ``secret_name`` (a Fly app
-secret holding base64). The bytes of ``content`` and ``source`` files are kept in ``raw_value``,
-so a run's snapshot replays without the local file.
+secret holding base64).
+
+A run's snapshot keeps the bytes of ``content`` and ``source`` files, so it replays without the
+local file: small ones (up to ``INLINE_MAX_BYTES``) inline (``content``, or base64
+``raw_value``), larger ones by ``sha256`` and ``size`` only, their bytes stored once in the
+ledger's content-addressed blob store (``Job.snapshot()`` hands the bytes to the ledger beside
+the snapshot; the runner fetches them back when it builds the machine config).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ModelWrapValidatorHandler,
+    PrivateAttr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -30,18 +37,41 @@ from jobrunner.machines.models import File
 from jobrunner.spec.problems import Utf8Str, spec_error
 from jobrunner.spec.text import utf8_problem
 
-__all__ = ["FILES_ROOT_VARIABLE", "FILE_KEYS", "MAX_FILE_BYTES", "JobFile", "files_roots"]
+__all__ = [
+    "FILES_ROOT_VARIABLE",
+    "FILE_KEYS",
+    "INLINE_MAX_BYTES",
+    "MAX_FILE_BYTES",
+    "BlobMissing",
+    "JobFile",
+    "files_roots",
+]
 
 # Extra folders (besides the job file's own) that ``source`` files may be read from.
 FILES_ROOT_VARIABLE = "JOBRUNNER_FILES_ROOT"
-# The most bytes one file may hold (the local backend refuses more: local/validate.py).
+# The most bytes one file may hold (the local backend refuses more: local/api/validate.py).
 MAX_FILE_BYTES = 4 * 1024 * 1024
+# Files up to this size stay inline in a run's snapshot; larger ones go to the blob store once.
+INLINE_MAX_BYTES = 16 * 1024
 
 # The keys a user may write in a [[files]] entry (raw_value is jobrunner's own).
 FILE_KEYS = ("guest_path", "content", "source", "secret_name", "mode")
 _SOURCES = ("content", "source", "secret_name")
 _SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _OCTAL = re.compile(r"(?:0o|0)?([0-7]{1,4})")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class BlobMissing(LookupError):
+    """A file's bytes are in the ledger's blob store, and were not given to build the config."""
+
+    def __init__(self, guest_path: str, sha256: str) -> None:
+        super().__init__(
+            f"the contents of {guest_path} (sha256 {sha256}) are not at hand: they are read "
+            "from the ledger's blob store when the machine is created"
+        )
+        self.guest_path = guest_path
+        self.sha256 = sha256
 
 
 class JobFile(BaseModel):
@@ -54,9 +84,17 @@ class JobFile(BaseModel):
     source: str | None = None
     secret_name: str | None = None
     mode: int | None = None
-    # Base64 of the bytes for content/source files. Filled in by validation; accepted as input
-    # only when rebuilding from a snapshot (validation context {"snapshot": True}).
+    # The bytes of content/source files, as snapshots record them: inline base64 (``raw_value``,
+    # small files and snapshots from before the blob store; decoded at validation), or the
+    # digest and size of a blob in the ledger. Accepted as input only when rebuilding from a
+    # snapshot (validation context {"snapshot": True}); sha256 and size are filled in otherwise.
     raw_value: Utf8Str | None = Field(default=None, repr=False)
+    sha256: str | None = None
+    size: int | None = None
+
+    # The bytes of a ``source`` file (read at load time, or decoded from an inline snapshot);
+    # None for content files (their text is the bytes) and for files stored as blobs.
+    _data: bytes | None = PrivateAttr(default=None)
 
     @field_validator("guest_path")
     @classmethod
@@ -108,12 +146,23 @@ class JobFile(BaseModel):
     ) -> JobFile:
         entry = handler(data)
         context = info.context or {}
-        if entry.raw_value is not None and not context.get("snapshot"):
-            raise spec_error(
-                "is set by jobrunner itself", "use content, source or secret_name", key="raw_value"
-            )
+        snapshot = bool(context.get("snapshot"))
+        if not snapshot:
+            for key in ("raw_value", "sha256", "size"):
+                if getattr(entry, key) is not None:
+                    raise spec_error(
+                        "is set by jobrunner itself", "use content, source or secret_name", key=key
+                    )
+        if (entry.sha256 is None) != (entry.size is None):
+            raise spec_error("a stored file needs both sha256 and size", "keep both", key="sha256")
+        if entry.sha256 is not None and (
+            not _SHA256.fullmatch(entry.sha256) or entry.size is None or entry.size < 0
+        ):
+            raise spec_error("is not a sha256 digest", "64 lowercase hex digits", key="sha256")
         given = [name for name in _SOURCES if getattr(entry, name) is not None]
-        if len(given) != 1:
+        # A large content file's snapshot holds only its digest: the blob is its one source.
+        stored_only = entry.sha256 is not None and not given and entry.raw_value is None
+        if len(given) != 1 and not stored_only:
             found = f"it has {' and '.join(given)}" if given else "it has none"
             raise spec_error(
                 f"a file needs exactly one of content, source or secret_name; {found}",
@@ -121,28 +170,91 @@ class JobFile(BaseModel):
                 if given
                 else 'add content = "..." (or source, or secret_name)',
             )
+        if entry.secret_name is not None:
+            return entry
         if entry.content is not None:
-            encoded = base64.b64encode(entry.content.encode()).decode()
-            return entry.model_copy(update={"raw_value": encoded})
-        if entry.source is not None and entry.raw_value is None:
+            encoded = entry.content.encode()
+            return entry.model_copy(
+                update={
+                    "raw_value": None,
+                    "sha256": hashlib.sha256(encoded).hexdigest(),
+                    "size": len(encoded),
+                }
+            )
+        raw: bytes | None = None
+        if entry.raw_value is not None:  # an inline snapshot (or one from before blobs)
+            try:
+                raw = base64.b64decode(entry.raw_value, validate=True)
+            except ValueError:
+                raise spec_error("is not base64", "", key="raw_value") from None
+        elif entry.source is not None and entry.sha256 is None:
             base_dir = context.get("base_dir")
-            path = _resolve(entry.source, Path(base_dir) if base_dir else None)
-            encoded = base64.b64encode(_read_source(path)).decode()
-            return entry.model_copy(update={"raw_value": encoded})
-        return entry
+            raw = _read_source(_resolve(entry.source, Path(base_dir) if base_dir else None))
+        if raw is None:
+            return entry  # bytes in the ledger's blob store
+        copied = entry.model_copy(
+            update={"raw_value": None, "sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+        )
+        copied._data = raw
+        return copied
 
-    def to_api(self) -> File:
-        """The Machines API file (``raw_value`` base64, or ``secret_name``)."""
+    @property
+    def data(self) -> bytes | None:
+        """The file's bytes when this process has them (None for a secret, or for a file whose
+        bytes are in the ledger's blob store: see :attr:`blob_digest`)."""
+        if self.content is not None:
+            return self.content.encode()
+        return self._data
+
+    @property
+    def blob_digest(self) -> str | None:
+        """The sha256 of bytes that must be fetched from the blob store to build the config."""
+        if self.secret_name is not None or self.content is not None or self._data is not None:
+            return None
+        return self.sha256
+
+    def to_api(self, blobs: Mapping[str, bytes] | None = None) -> File:
+        """The Machines API file (``raw_value`` base64, or ``secret_name``); the bytes of a file
+        rebuilt from a snapshot by digest come from ``blobs`` (sha256 -> bytes), else
+        :class:`BlobMissing`."""
         if self.secret_name is not None:
             return File(guest_path=self.guest_path, secret_name=self.secret_name, mode=self.mode)
-        return File(guest_path=self.guest_path, raw_value=self.raw_value, mode=self.mode)
+        raw = self.data
+        if raw is None:
+            assert self.sha256 is not None
+            raw = (blobs or {}).get(self.sha256)
+            if raw is None:
+                raise BlobMissing(self.guest_path, self.sha256)
+        encoded = base64.b64encode(raw).decode("ascii")
+        return File(guest_path=self.guest_path, raw_value=encoded, mode=self.mode)
 
-    def snapshot(self) -> dict[str, Any]:
-        """JSON-safe form; ``raw_value`` is kept for ``source`` files only (content holds it)."""
-        data = self.model_dump(mode="json", exclude_none=True)
+    def snapshot(self) -> tuple[dict[str, Any], tuple[str, Callable[[], bytes]] | None]:
+        """The JSON-safe form, and the blob it refers to (``(sha256, bytes loader)``) or None.
+
+        Up to ``INLINE_MAX_BYTES`` the bytes stay inline (``content`` as text, a ``source``
+        file's as base64 ``raw_value``); larger files are recorded by ``sha256`` and ``size``
+        only, and their bytes go to the blob store once, whatever the number of runs."""
+        data = self.model_dump(mode="json", exclude_none=True, exclude={"raw_value"})
+        if self.secret_name is not None:
+            return data, None
+        if self.size is not None and self.size <= INLINE_MAX_BYTES and self.blob_digest is None:
+            data.pop("sha256", None)
+            data.pop("size", None)
+            if self.content is None and self._data is not None:
+                data["raw_value"] = base64.b64encode(self._data).decode("ascii")
+            return data, None
+        data.pop("content", None)
+        if self.blob_digest is not None or self.sha256 is None:
+            return data, None  # already in the blob store (this file came from a snapshot)
+        return data, (self.sha256, self._loader())
+
+    def _loader(self) -> Callable[[], bytes]:
         if self.content is not None:
-            data.pop("raw_value", None)
-        return data
+            content = self.content
+            return content.encode
+        held = self._data
+        assert held is not None
+        return lambda: held
 
 
 def files_roots(base_dir: Path | None, environ: Mapping[str, str] | None = None) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Finding and ending the machine shim of a test's state dir (see jobrunner/local/shim.py)."""
+"""Finding and ending the machine shim of a test's state dir (jobrunner/local/process/shim.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from jobrunner.local.daemon import wait_shim_gone
 
 def shim_pids(state_dir: Path) -> list[int]:
     """Live shim processes serving ``state_dir`` (from /proc)."""
-    wanted = [b"jobrunner.local.shim", str(state_dir).encode()]
+    wanted = [b"jobrunner.local.process.shim", str(state_dir).encode()]
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

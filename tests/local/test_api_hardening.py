@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from jobrunner.local.app import MAX_BODY_BYTES, _SafeJSONResponse
-from jobrunner.local.validate import MAX_FILE_BYTES
+from jobrunner.local.api.app import MAX_BODY_BYTES, _SafeJSONResponse
+from jobrunner.local.api.validate import MAX_FILE_BYTES
 
 from .local_harness import APP, ServerProcess, command_config, create_machine
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from jobrunner.local.images import (
+from jobrunner.local.fleet.images import (
     IMAGES_ENV,
     NO_COMMAND_EXIT_CODE,
     ImageCatalog,

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from jobrunner.local.app import build_app
+from jobrunner.local.api.app import build_app
 from jobrunner.local.backend import LocalBackend
 from jobrunner.local.settings import ServerSettings
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner.local import ids
-from jobrunner.local.apierror import ApiError
-from jobrunner.local.clock import FakeClock
-from jobrunner.local.faults import FaultConfig
-from jobrunner.local.logstore import LogStore
-from jobrunner.local.persist import Store
-from jobrunner.local.records import image_ref_for
-from jobrunner.local.schedule import INTERVALS, latest_due, next_due
-from jobrunner.local.validate import parse_duration, parse_signal
+from jobrunner.local.api.errors import ApiError
+from jobrunner.local.api.faults import FaultConfig
+from jobrunner.local.api.validate import parse_duration, parse_signal
+from jobrunner.local.fleet import ids as ids
+from jobrunner.local.fleet.clock import FakeClock
+from jobrunner.local.fleet.records import image_ref_for
+from jobrunner.local.fleet.schedule import INTERVALS, latest_due, next_due
+from jobrunner.local.state.database import StateDatabase
+from jobrunner.local.state.logstore import LogStore
 
 
 def test_id_shapes() -> None:
@@ -131,7 +131,7 @@ def test_fault_settings_are_checked(raw: str, message: str) -> None:
 
 
 def test_log_tokens_strictly_increase_and_survive_a_restart(tmp_path: Path) -> None:
-    store = Store(tmp_path / "local.db")
+    store = StateDatabase(tmp_path / "local.db")
     logs = LogStore(store)
     same_moment = datetime(2026, 1, 1, tzinfo=UTC)
     for n in range(3):
@@ -141,7 +141,7 @@ def test_log_tokens_strictly_increase_and_survive_a_restart(tmp_path: Path) -> N
     assert tokens == sorted(set(tokens)) and len(tokens) == 3
     assert [e["attributes"]["message"] for e in page["data"]] == ["line 0", "line 1", "line 2"]
     store.close()
-    reopened = LogStore(Store(tmp_path / "local.db"))
+    reopened = LogStore(StateDatabase(tmp_path / "local.db"))
     reopened.append("app", "m1", "local", "stderr", "later", same_moment)
     after = reopened.page("app", instance="m1", region=None, next_token=str(tokens[-1]))
     [entry] = after["data"]

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from jobrunner.local.proc_files import ROOT_DIR_NAME
+from jobrunner.local.process.files import ROOT_DIR_NAME
 from jobrunner.machines import AsyncMachinesClient
 from jobrunner.machines.volumes import VolumeNotFound
 

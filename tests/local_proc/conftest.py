@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from jobrunner.local.supervisor import FileSpec, ProcessHandle, ProcessSpec, launch
+from jobrunner.local.process.supervisor import FileSpec, ProcessHandle, ProcessSpec, launch
 
 PYTHON = sys.executable
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner.local import proc_spawn
-from jobrunner.local.proc_cgroup import find_cgroup_root
-from jobrunner.local.supervisor import (
+from jobrunner.local.process import spawn as proc_spawn
+from jobrunner.local.process.cgroup import find_cgroup_root
+from jobrunner.local.process.supervisor import (
     FileSpec,
     ProcessSpec,
     kill_orphan_group,

@@ -6,7 +6,7 @@ import asyncio
 import threading
 from pathlib import Path
 
-from jobrunner.local.supervisor import ProcessSpec, launch
+from jobrunner.local.process.supervisor import ProcessSpec, launch
 
 from .conftest import Output, zombie_children
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner.local import proc_cgroup, proc_mounts
-from jobrunner.local.proc_files import FileToPlace, PlacementError, place_files
+from jobrunner.local.process import cgroup as proc_cgroup
+from jobrunner.local.process import mounts as proc_mounts
+from jobrunner.local.process.files import FileToPlace, PlacementError, place_files
 
 from .conftest import Starter, python
 
@@ -38,7 +39,8 @@ def test_no_overlayfs_is_a_clear_placement_error(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import errno
-        from jobrunner.local import proc_files, proc_mounts
+        from jobrunner.local.process import files as proc_files
+        from jobrunner.local.process import mounts as proc_mounts
         real_mount = proc_mounts.mount
         def mount(source, target, fstype, flags, data):
             if fstype == "overlay":

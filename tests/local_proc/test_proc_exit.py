@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from jobrunner.local.supervisor import pid_alive
+from jobrunner.local.process.supervisor import pid_alive
 
 from .conftest import Starter, python, zombie_children
 

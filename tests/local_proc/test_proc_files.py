@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner.local.proc_files import STAGE_DIR_NAME
-from jobrunner.local.supervisor import FileSpec
+from jobrunner.local.process.files import STAGE_DIR_NAME
+from jobrunner.local.process.supervisor import FileSpec
 
 from .conftest import Starter, python
 
@@ -148,8 +148,8 @@ def test_mounts_below_the_overlaid_directory_stay_visible(tmp_path: Path) -> Non
     script = textwrap.dedent(
         f"""
         import os
-        from jobrunner.local import proc_mounts
-        from jobrunner.local.proc_files import FileToPlace, place_files
+        from jobrunner.local.process import mounts as proc_mounts
+        from jobrunner.local.process.files import FileToPlace, place_files
         proc_mounts.unshare_mount_namespace()
         proc_mounts.make_rprivate()
         proc_mounts.mount("tmpfs", "{base}/sub", "tmpfs", 0, None)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner.local.proc_cgroup import MemoryCgroup, find_cgroup_root
-from jobrunner.local.proc_watchdog import RssWatchdog, group_rss_bytes
-from jobrunner.local.supervisor import DEFAULT_PATH, pid_alive
+from jobrunner.local.process.cgroup import MemoryCgroup, find_cgroup_root
+from jobrunner.local.process.supervisor import DEFAULT_PATH, pid_alive
+from jobrunner.local.process.watchdog import RssWatchdog, group_rss_bytes
 
 from .conftest import Starter, python
 

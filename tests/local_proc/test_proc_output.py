@@ -6,8 +6,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from jobrunner.local.proc_output import MAX_LINE_BYTES, LineSplitter
-from jobrunner.local.supervisor import ProcessSpec, launch
+from jobrunner.local.process.output import MAX_LINE_BYTES, LineSplitter
+from jobrunner.local.process.supervisor import ProcessSpec, launch
 
 from .conftest import Starter, python
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import respx
 
-from jobrunner.machines import AsyncMachinesClient, Clock, RetryPolicy
+from jobrunner.machines import AsyncMachinesClient, Clock, RequestRetryPolicy
 
 API = "https://api.machines.dev"
 APP = "test-app"
@@ -53,7 +53,7 @@ class FakeClock(Clock):
 
 
 # Jitter fixed at its middle so backoff delays are exact: equal jitter gives 0.75 x nominal.
-FIXED_RETRY = RetryPolicy(rng=lambda: 0.5)
+FIXED_RETRY = RequestRetryPolicy(rng=lambda: 0.5)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ def test_all_is_sorted_and_importable() -> None:
 
 
 def test_main_entry_points_are_exported() -> None:
-    for name in ("AsyncMachinesClient", "MachinesClient", "ClientConfig", "RetryPolicy"):
+    for name in ("AsyncMachinesClient", "MachinesClient", "ClientConfig", "RequestRetryPolicy"):
         assert name in machines.__all__
     tree = {
         "MachinesError",

@@ -16,7 +16,7 @@ from jobrunner.machines import (
     MachinesConnectionError,
     NotFound,
     RateLimited,
-    RetryPolicy,
+    RequestRetryPolicy,
     ServerError,
     Unauthorized,
     ValidationFailed,
@@ -123,7 +123,7 @@ async def test_attempts_are_bounded(
 
 
 async def test_total_time_is_bounded(router: respx.MockRouter, clock: FakeClock) -> None:
-    policy = RetryPolicy(max_attempts=50, max_total=1.0, rng=lambda: 0.5)
+    policy = RequestRetryPolicy(max_attempts=50, max_total=1.0, rng=lambda: 0.5)
     route = router.get(M).respond(502)
     async with make_client(router, clock, retry=policy) as client:
         with pytest.raises(ServerError):
@@ -271,12 +271,12 @@ async def test_fresh_lease_is_not_retried_but_refresh_is(
     ],
 )
 def test_backoff_jitter_bounds_and_cap(jitter: str, rng: float, expected: list[float]) -> None:
-    policy = RetryPolicy(jitter=jitter, rng=lambda: rng)  # type: ignore[arg-type]
+    policy = RequestRetryPolicy(jitter=jitter, rng=lambda: rng)  # type: ignore[arg-type]
     assert [policy.backoff(n) for n in (1, 2, 3, 10)] == pytest.approx(expected)
 
 
 def test_policy_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="max_attempts"):
-        RetryPolicy(max_attempts=0)
+        RequestRetryPolicy(max_attempts=0)
     with pytest.raises(ValueError):
-        RetryPolicy(base_delay=-1)
+        RequestRetryPolicy(base_delay=-1)

@@ -13,11 +13,11 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from jobrunner.local.apierror import ApiError, bad_request, not_found
-from jobrunner.local.records import MachineRecord
-from jobrunner.local.registry import Registry
+from jobrunner.local.api.errors import ApiError, bad_request, not_found
+from jobrunner.local.fleet.records import MachineRecord
+from jobrunner.local.fleet.registry import Registry
 
-__all__ = ["SETTLED_STATES", "WAIT_STATES", "WaitRequest", "parse_wait_query", "wait_for_state"]
+__all__ = ["SETTLED_STATES", "WAIT_STATES", "WaitRequest", "parse_wait_query", "wait_until_state"]
 
 WAIT_STATES = ("started", "stopped", "suspended", "destroyed", "settled")
 # "settled": any state that is not on its way to another (FC's `fly machine wait` default).
@@ -69,7 +69,9 @@ def parse_wait_query(
     )
 
 
-async def wait_for_state(registry: Registry, machine: MachineRecord, request: WaitRequest) -> None:
+async def wait_until_state(
+    registry: Registry, machine: MachineRecord, request: WaitRequest
+) -> None:
     """Return when the machine reaches a wanted state; raise 404, 408 or 503 otherwise."""
     runtime = registry.runtime(machine)
     wanted = set(request.states)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from jobrunner.local import ids
-from jobrunner.local.apierror import ApiError, bad_request, conflict, not_found
-from jobrunner.local.records import LeaseRecord, MachineRecord
+from jobrunner.local.api.errors import ApiError, bad_request, conflict, not_found
+from jobrunner.local.fleet import ids as ids
+from jobrunner.local.fleet.records import LeaseRecord, MachineRecord
 
 __all__ = ["DEFAULT_TTL", "MAX_TTL", "NONCE_HEADER", "acquire", "active_lease", "check", "release"]
 

@@ -13,9 +13,9 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from jobrunner.local.clock import Clock
-from jobrunner.local.records import MachineRecord
-from jobrunner.local.registry import Registry
+from jobrunner.clock import Clock
+from jobrunner.local.fleet.records import MachineRecord
+from jobrunner.local.fleet.registry import Registry
 
 __all__ = ["INTERVALS", "ScheduleRunner", "latest_due", "next_due"]
 

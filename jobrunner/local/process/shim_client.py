@@ -27,10 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from jobrunner.local.proc_orphans import kill_orphan_group, pid_alive
-from jobrunner.local.proc_output import utc_now
-from jobrunner.local.shim import SHIM_LOG_FILE, SOCKET_FILE, encode_spec
-from jobrunner.local.supervisor import (
+from jobrunner.local.process.orphans import kill_orphan_group, pid_alive
+from jobrunner.local.process.output import utc_now
+from jobrunner.local.process.shim import SHIM_LOG_FILE, SOCKET_FILE, encode_spec
+from jobrunner.local.process.supervisor import (
     MemoryEnforcement,
     OutputCallback,
     ProcessExit,
@@ -236,7 +236,7 @@ class ShimClient:
         with open(self.state_dir / SHIM_LOG_FILE, "ab") as log:
             os.chmod(self.state_dir / SHIM_LOG_FILE, 0o600)
             return subprocess.Popen(
-                [sys.executable, "-m", "jobrunner.local.shim", str(self.state_dir)],
+                [sys.executable, "-m", "jobrunner.local.process.shim", str(self.state_dir)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

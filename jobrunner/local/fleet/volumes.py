@@ -37,9 +37,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from jobrunner.local.apierror import ApiError, bad_request, not_found, unprocessable
-from jobrunner.local.records import MachineRecord, parse_time, rfc3339
-from jobrunner.local.validate import parse_body
+from jobrunner.local.api.errors import ApiError, bad_request, not_found, unprocessable
+from jobrunner.local.api.validate import parse_body
+from jobrunner.local.fleet.records import MachineRecord, parse_time, rfc3339
 from jobrunner.machines.models import (
     CreateVolumeRequest,
     ExtendVolumeRequest,
@@ -50,7 +50,7 @@ from jobrunner.machines.models import (
 )
 
 if TYPE_CHECKING:
-    from jobrunner.local.registry import Registry
+    from jobrunner.local.fleet.registry import Registry
 
 __all__ = [
     "SNAPSHOTS_DIR",
@@ -449,7 +449,7 @@ class VolumeService:
 
 
 def _default_region() -> str:
-    from jobrunner.local.machines import DEFAULT_REGION
+    from jobrunner.local.fleet.machines import DEFAULT_REGION
 
     return DEFAULT_REGION
 

@@ -15,10 +15,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from jobrunner.local.records import AppRecord, EventRecord, MachineRecord
+from jobrunner.local.fleet.records import AppRecord, EventRecord, MachineRecord
 from jobrunner.machines.models import MachineEvent
 
-__all__ = ["LogRow", "Store"]
+__all__ = ["LogRow", "StateDatabase"]
 
 SCHEMA_VERSION = 1
 
@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS volumes (id TEXT PRIMARY KEY, app TEXT NOT NULL, data
 LogRow = tuple[int, str, str, str, str, str]
 
 
-class Store:
+class StateDatabase:
     """All reads and writes of the database. Used from the server's event loop thread only."""
 
     def __init__(self, path: Path) -> None:

@@ -1,8 +1,8 @@
 """The first program of every local machine: set the process up, then exec the job's argv.
 
 Started by the supervisor in a new session as `python -S -P <this file>` (`python -m
-jobrunner.local.launcher` works the same; running the file skips runpy, which is a third of the
-start-up time). Protocol:
+jobrunner.local.process.launcher` works the same; running the file skips runpy, which is a third
+of the start-up time). Protocol:
 
 * stdin (fd 0): the spec, `marshal`-encoded, read to EOF (built by `supervisor._launcher_spec`;
   both sides are the same interpreter). fd 0 is then replaced by /dev/null: the job's stdin is
@@ -81,13 +81,18 @@ def _limit_cpus(cpus: int) -> None:
 
 
 def _bare_packages() -> None:
-    """Make `jobrunner.local.*` importable without running the packages' __init__ modules.
+    """Make `jobrunner.local.process.*` importable without running the packages' __init__ modules.
 
     Those import the whole local server (httpx, starlette, ...), which is slow, and not even
     importable with `-S`; the launcher only needs two stdlib-only sibling modules.
     """
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name, path in (("jobrunner", os.path.dirname(here)), ("jobrunner.local", here)):
+    here = os.path.dirname(os.path.abspath(__file__))  # .../jobrunner/local/process
+    local = os.path.dirname(here)
+    for name, path in (
+        ("jobrunner", os.path.dirname(local)),
+        ("jobrunner.local", local),
+        ("jobrunner.local.process", here),
+    ):
         if name not in sys.modules:
             package = type(sys)(name)
             package.__path__ = [path]
@@ -96,7 +101,7 @@ def _bare_packages() -> None:
 
 def _place_files(files: list[dict[str, Any]], stage_dir: str) -> None:
     _bare_packages()
-    from jobrunner.local.proc_files import FileToPlace, PlacementError, place_files
+    from jobrunner.local.process.files import FileToPlace, PlacementError, place_files
 
     wanted = [FileToPlace(f["guest_path"], f["content"], f["mode"]) for f in files]
     try:
@@ -107,7 +112,7 @@ def _place_files(files: list[dict[str, Any]], stage_dir: str) -> None:
 
 def _bind_volumes(mounts: list[list[str]], workdir: str, stage_dir: str) -> None:
     _bare_packages()
-    from jobrunner.local.proc_files import (
+    from jobrunner.local.process.files import (
         ROOT_DIR_NAME,
         PlacementError,
         VolumeToMount,

@@ -1,10 +1,11 @@
-"""Time for the local backend: the real clock, or a fake one that tests move by hand.
+"""A clock for the local backend that tests move by hand.
 
 Everything in the server that reasons about wall time (event timestamps, lease expiry, the
-``schedule`` intervals, the retention of destroyed machines) reads it through a ``Clock``. With
-``FakeClock`` a test can run a month of daily schedule in seconds: ``advance()`` moves time and
-wakes every ``sleep`` whose deadline has passed. Wait timeouts and stop grace periods are about
-real HTTP clients and real processes, so they use real time, never this clock.
+``schedule`` intervals, the retention of destroyed machines) reads it through jobrunner's one
+``Clock`` (jobrunner/clock.py). With ``FakeClock`` a test can run a month of daily schedule in
+seconds: ``advance()`` moves time and wakes every ``sleep`` whose deadline has passed. Wait
+timeouts and stop grace periods are about real HTTP clients and real processes, so they use
+real time, never this clock.
 """
 
 from __future__ import annotations
@@ -13,34 +14,13 @@ import asyncio
 import heapq
 import itertools
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
 
-__all__ = ["Clock", "FakeClock", "SystemClock"]
+from jobrunner.clock import Clock
 
-
-class Clock(Protocol):
-    """Wall time and an async sleep measured on that same time."""
-
-    def now(self) -> datetime:
-        """The current time, timezone-aware in UTC."""
-        ...
-
-    async def sleep(self, seconds: float) -> None:
-        """Return once ``seconds`` of this clock's time have passed."""
-        ...
+__all__ = ["FakeClock"]
 
 
-class SystemClock:
-    """The real clock."""
-
-    def now(self) -> datetime:
-        return datetime.now(UTC)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(max(0.0, seconds))
-
-
-class FakeClock:
+class FakeClock(Clock):
     """A clock that only moves when ``advance`` is called (from the event loop's thread).
 
     Sleepers are kept in a heap by deadline; ``advance`` resolves the ones that are due, in order.
@@ -53,6 +33,9 @@ class FakeClock:
 
     def now(self) -> datetime:
         return self._now
+
+    def time(self) -> float:
+        return self._now.timestamp()
 
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:

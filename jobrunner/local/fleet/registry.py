@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from jobrunner.local import ids
-from jobrunner.local.apierror import not_found
-from jobrunner.local.clock import Clock
-from jobrunner.local.persist import Store
-from jobrunner.local.records import AppRecord, EventRecord, MachineRecord
-from jobrunner.local.supervisor import MachineProcess
+from jobrunner.clock import Clock
+from jobrunner.local.api.errors import not_found
+from jobrunner.local.fleet import ids as ids
+from jobrunner.local.fleet.records import AppRecord, EventRecord, MachineRecord
+from jobrunner.local.process.supervisor import MachineProcess
+from jobrunner.local.state.database import StateDatabase
 from jobrunner.machines.models import MachineEvent, MachineRequest
 
 __all__ = ["Registry", "Runtime", "Transition"]
@@ -61,7 +61,7 @@ class Registry:
     ``from_event_id`` of the newest event waits for the *next* change.
     """
 
-    def __init__(self, store: Store, clock: Clock) -> None:
+    def __init__(self, store: StateDatabase, clock: Clock) -> None:
         self.store = store
         self.clock = clock
         self.apps: dict[str, AppRecord] = {}

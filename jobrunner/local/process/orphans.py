@@ -13,8 +13,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from jobrunner.local import proc_spawn
-from jobrunner.local.proc_cgroup import MemoryCgroup, find_cgroup_root
+from jobrunner.local.process import spawn as proc_spawn
+from jobrunner.local.process.cgroup import MemoryCgroup, find_cgroup_root
 
 __all__ = ["kill_orphan_group", "pid_alive"]
 

@@ -17,10 +17,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from jobrunner.local.images import resolve_command
-from jobrunner.local.records import MachineRecord
-from jobrunner.local.supervisor import FileSpec, ProcessSpec
-from jobrunner.local.volumes import volume_dir
+from jobrunner.local.fleet.images import resolve_command
+from jobrunner.local.fleet.records import MachineRecord
+from jobrunner.local.fleet.volumes import volume_dir
+from jobrunner.local.process.supervisor import FileSpec, ProcessSpec
 
 __all__ = ["SECRET_ENV_PREFIX", "LaunchProblem", "build_spec"]
 

@@ -3,7 +3,7 @@
 `launch()` starts the program in a new session. A machine without files or mounts is started
 directly with posix_spawn: it is born in its memory cgroup and with its CPU affinity (the calling
 thread takes both for the instant of the spawn), so no interpreter runs per machine. A machine
-with files goes through the launcher (jobrunner/local/launcher.py), which joins the memory
+with files goes through the launcher (jobrunner/local/process/launcher.py), which joins the memory
 cgroup, sets CPU affinity, places config files in a private mount namespace and execs the
 program (same pid, so signals reach it). The program's stdout/stderr are read by the event loop
 and handed to `on_output` line by line.
@@ -35,18 +35,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
 
-from jobrunner.local import proc_spawn
-from jobrunner.local.proc_cgroup import MemoryCgroup, find_cgroup_root
-from jobrunner.local.proc_files import DEFAULT_FILE_MODE, STAGE_DIR_NAME
-from jobrunner.local.proc_orphans import kill_orphan_group, pid_alive
-from jobrunner.local.proc_output import (
+from jobrunner.local.process import spawn as proc_spawn
+from jobrunner.local.process.cgroup import MemoryCgroup, find_cgroup_root
+from jobrunner.local.process.files import DEFAULT_FILE_MODE, STAGE_DIR_NAME
+from jobrunner.local.process.orphans import kill_orphan_group, pid_alive
+from jobrunner.local.process.output import (
     CollectPipeProtocol,
     LineSplitter,
     OutputPipeProtocol,
     WritePipeProtocol,
     utc_now,
 )
-from jobrunner.local.proc_watchdog import RssWatchdog, watchdog_for_running_loop
+from jobrunner.local.process.watchdog import RssWatchdog, watchdog_for_running_loop
 
 __all__ = [
     "DEFAULT_HOME",

@@ -3,8 +3,8 @@
 The API server (server.py) can die, be killed or be upgraded while machines run; on Fly a machine
 keeps running whatever happens to the process that created it, and its exit is still recorded.
 So the server does not own the processes: this small process does (like containerd's shim or
-conmon). It is started detached by the server (``python -m jobrunner.local.shim STATE_DIR``: own
-session, stdin /dev/null, output to ``shim.log``), and it
+conmon). It is started detached by the server (``python -m jobrunner.local.process.shim
+STATE_DIR``: own session, stdin /dev/null, output to ``shim.log``), and it
 
 * starts jobs with ``supervisor.launch`` (posix_spawn of the job itself, or the launcher for
   machines with files or mounts), reads their output and reaps them, as the server used to;
@@ -46,7 +46,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jobrunner.local.supervisor import ProcessExit, ProcessHandle, ProcessSpec, launch, own_children
+from jobrunner.local.process.supervisor import (
+    ProcessExit,
+    ProcessHandle,
+    ProcessSpec,
+    launch,
+    own_children,
+)
 
 __all__ = [
     "JOURNAL_FILE",
@@ -59,7 +65,7 @@ __all__ = [
     "main",
 ]
 
-logger = logging.getLogger("jobrunner.local.shim")
+logger = logging.getLogger("jobrunner.local.process.shim")
 
 SOCKET_FILE = "shim.sock"
 SHIM_LOCK_FILE = "shim.lock"
@@ -439,10 +445,11 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m jobrunner.local.shim STATE_DIR``: exit 0 when done or when one already runs."""
+    """``python -m jobrunner.local.process.shim STATE_DIR``: exit 0 when done or when one
+    already runs."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m jobrunner.local.shim STATE_DIR", file=sys.stderr)
+        print("usage: python -m jobrunner.local.process.shim STATE_DIR", file=sys.stderr)
         return 2
     state_dir = Path(args[0]).absolute()
     logging.basicConfig(

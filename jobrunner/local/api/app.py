@@ -20,10 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from jobrunner.local import ids
-from jobrunner.local.apierror import ApiError, bad_request
-from jobrunner.local.clock import FakeClock
-from jobrunner.local.faults import (
+from jobrunner.local.api.errors import ApiError, bad_request
+from jobrunner.local.api.faults import (
     ASGIApp,
     FaultConfig,
     FaultMiddleware,
@@ -32,10 +30,12 @@ from jobrunner.local.faults import (
     Scope,
     Send,
 )
-from jobrunner.local.leases import NONCE_HEADER
-from jobrunner.local.validate import parse_body, parse_bool, parse_json_object
-from jobrunner.local.volumes import volume_routes
-from jobrunner.local.waiting import parse_wait_query, wait_for_state
+from jobrunner.local.api.validate import parse_body, parse_bool, parse_json_object
+from jobrunner.local.api.waiting import parse_wait_query, wait_until_state
+from jobrunner.local.fleet import ids as ids
+from jobrunner.local.fleet.clock import FakeClock
+from jobrunner.local.fleet.leases import NONCE_HEADER
+from jobrunner.local.fleet.volumes import volume_routes
 from jobrunner.machines.models import (
     CreateAppRequest,
     CreateMachineRequest,
@@ -216,7 +216,7 @@ class _Api:
             query.get("from_event_id"),
         )
         machine = self._backend.registry.machine(app, machine_id)
-        await wait_for_state(self._backend.registry, machine, wait)
+        await wait_until_state(self._backend.registry, machine, wait)
         return _json({"ok": True})
 
     async def events(self, request: Request) -> Response:

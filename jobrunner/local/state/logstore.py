@@ -15,8 +15,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from jobrunner.local.apierror import bad_request
-from jobrunner.local.persist import LogRow, Store
+from jobrunner.local.api.errors import bad_request
+from jobrunner.local.state.database import LogRow, StateDatabase
 
 __all__ = ["PAGE_SIZE", "LogStore"]
 
@@ -29,7 +29,7 @@ _MAX_TOKEN = 2**63 - 1
 class LogStore:
     """Buffers captured lines, assigns their tokens and answers logs API queries."""
 
-    def __init__(self, store: Store, flush_interval: float = 0.2) -> None:
+    def __init__(self, store: StateDatabase, flush_interval: float = 0.2) -> None:
         self._store = store
         self._buffer: list[LogRow] = []
         self._last_token = store.last_log_token()

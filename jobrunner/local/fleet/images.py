@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobrunner.local.records import image_ref_for
+from jobrunner.local.fleet.records import image_ref_for
 
 __all__ = [
     "BUILTIN_IMAGES",

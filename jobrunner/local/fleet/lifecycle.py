@@ -26,12 +26,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from jobrunner.local.logstore import LogStore
-from jobrunner.local.records import MachineRecord, rfc3339_ms
-from jobrunner.local.registry import Registry, Runtime
-from jobrunner.local.runspec import LaunchProblem, build_spec
-from jobrunner.local.shim_client import LiveRun, ShimClient
-from jobrunner.local.supervisor import (
+from jobrunner.local.api.validate import parse_duration, parse_signal, restart_policy
+from jobrunner.local.fleet.records import MachineRecord, rfc3339_ms
+from jobrunner.local.fleet.registry import Registry, Runtime
+from jobrunner.local.fleet.runspec import LaunchProblem, build_spec
+from jobrunner.local.process.shim_client import LiveRun, ShimClient
+from jobrunner.local.process.supervisor import (
     MachineProcess,
     ProcessExit,
     ProcessHandle,
@@ -40,7 +40,7 @@ from jobrunner.local.supervisor import (
     launch,
     pid_alive,
 )
-from jobrunner.local.validate import parse_duration, parse_signal, restart_policy
+from jobrunner.local.state.logstore import LogStore
 
 __all__ = ["LAUNCH_FAILED_EXIT_CODE", "RECOVERY_ERROR", "RECOVERY_EXIT_CODE", "Lifecycle"]
 

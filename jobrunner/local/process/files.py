@@ -41,7 +41,7 @@ import contextlib
 import os
 import posixpath
 
-from jobrunner.local import proc_mounts
+from jobrunner.local.process import mounts as proc_mounts
 
 __all__ = [
     "DEFAULT_FILE_MODE",

@@ -17,18 +17,19 @@ import re
 import signal
 from typing import Any
 
-from jobrunner.local import ids, leases
-from jobrunner.local.apierror import ApiError, bad_request, precondition_failed, unprocessable
-from jobrunner.local.lifecycle import Lifecycle
-from jobrunner.local.records import (
+from jobrunner.local.api.errors import ApiError, bad_request, precondition_failed, unprocessable
+from jobrunner.local.api.validate import parse_duration, parse_signal, validate_config
+from jobrunner.local.fleet import ids as ids
+from jobrunner.local.fleet import leases
+from jobrunner.local.fleet.lifecycle import Lifecycle
+from jobrunner.local.fleet.records import (
     AppRecord,
     MachineRecord,
     VersionRecord,
     image_ref_for,
 )
-from jobrunner.local.registry import Registry
-from jobrunner.local.validate import parse_duration, parse_signal, validate_config
-from jobrunner.local.volumes import VolumeService
+from jobrunner.local.fleet.registry import Registry
+from jobrunner.local.fleet.volumes import VolumeService
 from jobrunner.machines.models import CreateAppRequest, CreateMachineRequest, UpdateMachineRequest
 
 __all__ = ["DEFAULT_REGION", "MachineService"]

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from jobrunner.local.apierror import ApiError, bad_request, unprocessable
+from jobrunner.local.api.errors import ApiError, bad_request, unprocessable
 from jobrunner.machines.models import File, Guest, MachineConfig, Restart
 
 __all__ = [

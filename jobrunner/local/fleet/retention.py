@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from jobrunner.local.clock import Clock
-from jobrunner.local.logstore import LogStore
-from jobrunner.local.registry import Registry
+from jobrunner.clock import Clock
+from jobrunner.local.fleet.registry import Registry
+from jobrunner.local.state.logstore import LogStore
 
 __all__ = ["purge_expired", "run_purger"]
 _SWEEP = timedelta(minutes=1)

@@ -1,0 +1,2 @@
+"""The machines a local backend holds: records, the state machine and lifecycle, leases,
+schedules, volumes, images."""

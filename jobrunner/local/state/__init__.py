@@ -1,0 +1,2 @@
+"""The local backend's persistence: one SQLite file of apps, machines, events, volumes and
+log lines."""
