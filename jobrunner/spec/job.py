@@ -58,7 +58,6 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _REGION = re.compile(r"[a-z][a-z0-9-]{1,15}")
 _APP = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-_COMMAND_KEYS = ("cmd", "entrypoint", "exec")
 
 
 class Job(BaseModel):
@@ -451,17 +450,6 @@ def _whole_job_problems(
                         f"remove {key}, or put the whole command in exec",
                     )
                 )
-    if all(data.get(key) is None for key in _COMMAND_KEYS):
-        problems.append(
-            Problem(
-                file,
-                "cmd",
-                MISSING,
-                "no command: set cmd, entrypoint or exec (the local backend cannot read an "
-                "image's own command, so every job must say what to run)",
-                'add e.g. cmd = ["python3", "-c", "print(\'hello\')"]',
-            )
-        )
     secrets = data.get("secrets")
     env = data.get("env")
     if isinstance(secrets, list) and all(isinstance(s, str) for s in secrets):

@@ -171,3 +171,18 @@ def test_jobs_list_shows_the_shipped_examples(cli: Cli) -> None:
     done = cli("jobs", "list", "--json", extra_env={"HELLO_TOKEN": "x"})
     names = {j["name"] for j in json.loads(done.stdout)["jobs"]}
     assert {"hello", "fail", "timeout"} <= names
+
+
+def test_a_job_with_only_an_image_runs_the_images_own_command(cli: Cli, tmp_path: Path) -> None:
+    known = tmp_path / "shell.toml"
+    known.write_text('image = "busybox:1.36"\n')  # the catalog: busybox runs `sh`
+    done = cli("run", str(known), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["exit_code"] == 0
+    unknown = tmp_path / "mystery.toml"
+    unknown.write_text('image = "registry.example.com/team/tool:3"\n')
+    failed = cli("run", str(unknown))
+    # Starts and fails as a broken image would (the job's exit code is the command's), and
+    # its output says what to configure.
+    assert failed.returncode == 127, failed.stderr
+    assert "no command to run" in failed.stderr and "images.toml" in failed.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner.spec import MISSING, JobSpecError, Problem, load_job
+from jobrunner.spec import JobSpecError, Problem, load_job
 
 GOOD = """
 image = "python:3.12-slim"
@@ -187,11 +187,12 @@ def test_both_guest_and_size(tmp_path: Path) -> None:
     assert "not both" in problem.message
 
 
-def test_no_command_explains_why_one_is_needed(tmp_path: Path) -> None:
-    problem = _only(_write(tmp_path, 'image = "python:3.12-slim"\n'))
-    assert problem.key == "cmd" and problem.value is MISSING
-    assert "cannot read an image's own command" in problem.message
-    assert str(problem).startswith(f"{tmp_path / 'job.toml'}: cmd: no command")
+def test_a_job_with_only_an_image_leaves_the_command_to_the_image(tmp_path: Path) -> None:
+    # As `fly machine run IMAGE`: the image's own entrypoint and command run (the local backend
+    # takes them from its catalog of images, docs/local-backend.md "Images").
+    job = load_job(_write(tmp_path, 'image = "python:3.12-slim"\n'))
+    init = job.init()
+    assert (init.exec, init.entrypoint, init.cmd) == (None, None, None)
 
 
 def test_an_invalid_cron_expression_names_the_key(tmp_path: Path) -> None:

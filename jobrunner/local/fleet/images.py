@@ -253,9 +253,8 @@ def resolve_command(
 def failing_argv(message: str) -> list[str]:
     """A command that prints ``message`` on stderr and exits with ``NO_COMMAND_EXIT_CODE``.
 
-    It lingers a second first, so the machine is seen ``started`` before it stops, as a real
-    machine's init runs before it finds nothing to run (a program that exits at once can end
-    before the server has recorded the start).
+    The machine is recorded ``started`` then ``stopped``, as a real machine whose init finds
+    nothing to run (the lifecycle records the start of a program that has already ended).
     """
-    script = f'printf "%s\\n" "$1" >&2; sleep 1; exit {NO_COMMAND_EXIT_CODE}'
+    script = f'printf "%s\\n" "$1" >&2; exit {NO_COMMAND_EXIT_CODE}'
     return ["/bin/sh", "-c", script, "jobrunner-local", message]
