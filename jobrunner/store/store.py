@@ -26,6 +26,7 @@ from jobrunner.store.bulk import BulkInsert
 from jobrunner.store.engine import (
     READ_OPTION,
     create_store_engine,
+    is_in_memory_url,
     mask_url,
     resolve_url,
     translate_errors,
@@ -293,7 +294,12 @@ class Store:
         with translate_errors(self._url):
             self._engine = create_store_engine(self._url)
             self._write_lock: AbstractContextManager[object] = (
-                threading.Lock() if self._engine.dialect.name == "sqlite" else nullcontext()
+                threading.RLock() if self._engine.dialect.name == "sqlite" else nullcontext()
+            )
+            # An in-memory database is one connection shared by every thread (StaticPool):
+            # a read beginning while another thread's write is open would nest transactions.
+            self._read_lock: AbstractContextManager[object] = (
+                self._write_lock if is_in_memory_url(self._url) else nullcontext()
             )
             self._reader = self._engine.execution_options(**{READ_OPTION: True})
             try:
@@ -340,7 +346,7 @@ class Store:
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
-        with translate_errors(self._url), self._reader.connect() as connection:
+        with self._read_lock, translate_errors(self._url), self._reader.connect() as connection:
             yield connection
 
     # ----- runs -----
