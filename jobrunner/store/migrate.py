@@ -9,6 +9,7 @@ tables and the others find them done.
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,8 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any fixed 64-bit number; it names the PostgreSQL advisory lock taken while migrating.
 _PG_LOCK_KEY = 0x6A6F6272756E6E72  # "jobrunnr"
 _VERSION_TABLE = "alembic_version"
+# How long an opener waits for another process's migration of the same SQLite file.
+MIGRATE_WAIT_S = 120.0
 # The newest revision in migrations/versions. Kept here so that opening an up-to-date database
 # never imports Alembic (a third of a CLI command's start-up time); a test checks it against
 # Alembic's own idea of the head, so adding a migration without updating it fails CI.
@@ -89,6 +92,22 @@ def upgrade(engine: Engine, *, revision: str = "head", where: str = "the databas
     with engine.connect() as connection:  # the common case: already there, no lock needed
         if current_revision(connection) == target:
             return
+    # SQLite: the first opener migrates inside BEGIN IMMEDIATE and the others wait for its
+    # lock, but only for the busy timeout (5 s); a migration on a loaded machine (importing
+    # Alembic, several scripts) can take longer, so they try again, for up to MIGRATE_WAIT_S.
+    deadline = time.monotonic() + MIGRATE_WAIT_S
+    while True:
+        try:
+            _upgrade_locked(engine, target, where)
+            return
+        except sa.exc.OperationalError as exc:
+            busy = "locked" in str(exc).lower() or "busy" in str(exc).lower()
+            if engine.dialect.name != "sqlite" or not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _upgrade_locked(engine: Engine, target: str, where: str) -> None:
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
