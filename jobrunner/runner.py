@@ -57,7 +57,7 @@ from jobrunner.machines.errors import (
 from jobrunner.machines.models import Machine
 from jobrunner.outcomes import TERMINAL, AttemptResult, read_outcome
 from jobrunner.spec import Job, JobSpecError
-from jobrunner.store import Attempt, Ledger, Run, SqlLedger, Store
+from jobrunner.store import Attempt, BlobNotFound, Ledger, Run, SqlLedger, Store
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,9 @@ class Runner:
         drive it, so no worker can take it meanwhile. The job's secrets are checked now, so a run
         that cannot start is refused before it exists.
         """
-        job.to_machine_config(environ=self.environ, metadata={})  # raises JobSpecError early
+        # Raises JobSpecError early (the secrets are all the config can miss); the config itself,
+        # with every file base64-encoded, is built only when the machine is created.
+        job.secret_env(self.environ)
         run = await self.ledger.create_run(
             job_name=job.name,
             job_snapshot=job.snapshot(),
@@ -667,6 +669,7 @@ class Runner:
                 if isinstance(created, AttemptResult):
                     return created
                 found = created
+                del created
             machine_id = found.id
             made = f"machine {found.id} created in {found.region}"
             attempt = await self.ledger.advance_attempt(
@@ -680,6 +683,9 @@ class Runner:
                 region=found.region,
             )
             self._emit("state", run.id, made, state="starting", attempt=attempt.number)
+            # The API answers with the whole config (the files' base64 with it): not kept for
+            # the rest of the run.
+            del found
         drive.machines.append(machine_id)
         self.logs.follow(
             app=self._app_of(run),
@@ -713,11 +719,19 @@ class Runner:
 
     async def _create(self, run: Run, job: Job, attempt: Attempt) -> Machine | AttemptResult:
         try:
+            # Large files are recorded by digest: their bytes come from the ledger's blob store,
+            # once per attempt, and only the config's base64 of them is kept while it is sent.
+            blobs = {digest: await self.ledger.get_blob(digest) for digest in job.blob_digests()}
+        except BlobNotFound as exc:
+            return AttemptResult("create_failed", reason=f"a file of the job is missing: {exc}")
+        try:
             config = job.to_machine_config(
-                environ=self.environ, metadata=machine_metadata(run, attempt, job)
+                environ=self.environ, metadata=machine_metadata(run, attempt, job), blobs=blobs
             )
         except JobSpecError as exc:
             return AttemptResult("create_failed", reason=str(exc))
+        finally:
+            del blobs
         regions: list[str | None] = [job.region, *job.fallback_regions]
         last: InsufficientCapacity | None = None
         for region in regions:

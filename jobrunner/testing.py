@@ -51,6 +51,7 @@ starts, as a database call would).
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -65,6 +66,7 @@ from jobrunner.states import ACTIVE_STATES, ATTEMPT_OUTCOMES, RUN_STATES, TERMIN
 from jobrunner.store.errors import (
     AmbiguousRunId,
     AttemptNotFound,
+    BlobNotFound,
     InvalidRunId,
     RunNotFound,
     StoreError,
@@ -80,6 +82,7 @@ from jobrunner.store.store import (
     MIN_PREFIX_LENGTH,
     RUN_FIELDS,
     RunRequest,
+    snapshot_blob_refs,
 )
 
 __all__ = ["MemoryLedger"]
@@ -141,6 +144,7 @@ class MemoryLedger:
         self._attempt_ids = itertools.count(1)
         self._transition_ids = itertools.count(1)
         self._log_ids = itertools.count(1)
+        self._blobs: dict[str, bytes] = {}
 
     def __repr__(self) -> str:
         return f"MemoryLedger({len(self._runs)} runs)"
@@ -217,6 +221,41 @@ class MemoryLedger:
         reason = "submitted" if request.queue is None else f"enqueued on {request.queue}"
         return run, self._record(run.id, None, "pending", reason, None, now)
 
+    def _put_snapshot_blobs(self, snapshots: Iterable[Mapping[str, Any]]) -> None:
+        """As the SQL store: the blobs a snapshot refers to are stored (from the bytes a
+        ``JobSnapshot`` carries) before its run, each once; all checked before any is kept."""
+        new: dict[str, bytes] = {}
+        for snapshot in snapshots:
+            attached = getattr(snapshot, "blobs", None) or {}
+            for digest in snapshot_blob_refs(snapshot):
+                if digest in self._blobs or digest in new:
+                    continue
+                load = attached.get(digest)
+                if load is None:
+                    raise ValueError(
+                        f"the job snapshot refers to file contents (sha256 {digest}) that the "
+                        "ledger does not hold: pass the snapshot Job.snapshot() returned (it "
+                        "carries the bytes), not a copy of it"
+                    )
+                data = bytes(load())
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise ValueError(f"the bytes given for blob {digest} do not have that sha256")
+                new[digest] = data
+        self._blobs.update(new)
+
+    async def put_blob(self, data: bytes) -> str:
+        await anyio.lowlevel.checkpoint()
+        digest = hashlib.sha256(data).hexdigest()
+        self._blobs.setdefault(digest, bytes(data))
+        return digest
+
+    async def get_blob(self, sha256: str) -> bytes:
+        await anyio.lowlevel.checkpoint()
+        try:
+            return self._blobs[sha256]
+        except KeyError:
+            raise BlobNotFound(sha256) from None
+
     def _store_new(self, run: Run, first: Transition) -> None:
         self._runs[run.id] = run
         self._attempts[run.id] = {}
@@ -251,6 +290,7 @@ class MemoryLedger:
             trigger=trigger,
         )
         run, first = self._new_run(request, owner=owner, owner_ttl_s=owner_ttl_s)
+        self._put_snapshot_blobs([job_snapshot])
         self._store_new(run, first)
         return self._out(run)
 
@@ -278,6 +318,7 @@ class MemoryLedger:
                 run, first = self._new_run(request)
                 staged.append((run, first))
                 out.append((run, True))
+        self._put_snapshot_blobs([r.job_snapshot for r in requests])
         for run, first in staged:
             self._store_new(run, first)
         return [(self._out(run), created) for run, created in out]

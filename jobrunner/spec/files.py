@@ -186,7 +186,11 @@ class JobFile(BaseModel):
             try:
                 raw = base64.b64decode(entry.raw_value, validate=True)
             except ValueError:
-                raise spec_error("is not base64", "", key="raw_value") from None
+                raise spec_error(
+                    "is not base64",
+                    "the recorded run is damaged: submit the job again",
+                    key="raw_value",
+                ) from None
         elif entry.source is not None and entry.sha256 is None:
             base_dir = context.get("base_dir")
             raw = _read_source(_resolve(entry.source, Path(base_dir) if base_dir else None))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +43,7 @@ from jobrunner.spec.retry import RetryPolicy, duration_field
 from jobrunner.spec.schedule import SCHEDULE_KEYS, schedule_problems
 from jobrunner.spec.text import is_utf8, printable
 
-__all__ = ["SNAPSHOT_FORMAT", "Job"]
+__all__ = ["SNAPSHOT_FORMAT", "Job", "JobSnapshot"]
 
 SNAPSHOT_FORMAT = 1
 RESERVED_METADATA_PREFIX = "jobrunner_"
@@ -58,6 +58,22 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _REGION = re.compile(r"[a-z][a-z0-9-]{1,15}")
 _APP = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+class JobSnapshot(dict[str, Any]):
+    """A job's snapshot (a plain JSON-safe dict) carrying, beside it, the bytes of the files it
+    refers to by digest: ``blobs`` maps sha256 -> a function returning the bytes.
+
+    The ledger stores those bytes once in its blob store before the run row that refers to
+    them (``Store.create_run``, ``enqueue_runs``, ``record_fires``); a copy of the dict
+    (``dict(snapshot)``) loses them, and a ledger then requires the blobs to be there already.
+    """
+
+    blobs: dict[str, Callable[[], bytes]]
+
+    def __init__(self, data: Mapping[str, Any], blobs: Mapping[str, Callable[[], bytes]]) -> None:
+        super().__init__(data)
+        self.blobs = dict(blobs)
 
 
 class Job(BaseModel):
@@ -342,20 +358,31 @@ class Job(BaseModel):
             raise JobSpecError(problems)
         return {name: environ[name] for name in self.secrets}
 
+    def blob_digests(self) -> list[str]:
+        """The sha256 of each file whose bytes are in the ledger's blob store, not in this Job
+        (a job rebuilt from a snapshot): :meth:`to_machine_config` needs them as ``blobs``."""
+        return [d for d in (f.blob_digest for f in self.files) if d is not None]
+
     def to_machine_config(
-        self, *, environ: Mapping[str, str], metadata: Mapping[str, str]
+        self,
+        *,
+        environ: Mapping[str, str],
+        metadata: Mapping[str, str],
+        blobs: Mapping[str, bytes] | None = None,
     ) -> MachineConfig:
         """The complete machine config for one attempt of this job.
 
         Secrets are read from ``environ`` (a missing one raises :class:`JobSpecError` naming only
-        the variable); ``metadata`` (jobrunner's tags) is merged over the job's own metadata.
+        the variable); ``metadata`` (jobrunner's tags) is merged over the job's own metadata;
+        ``blobs`` (sha256 -> bytes) holds the files of :meth:`blob_digests`, else
+        :class:`~jobrunner.spec.files.BlobMissing`.
         """
         env = {**self.env, **self.secret_env(environ)}
         return MachineConfig(
             image=self.image,
             init=self.init(),
             env=env,
-            files=[f.to_api() for f in self.files] or None,
+            files=[f.to_api(blobs) for f in self.files] or None,
             mounts=[m.to_api() for m in self.mounts] or None,
             guest=self.guest_resolved(),
             auto_destroy=True,
@@ -369,15 +396,28 @@ class Job(BaseModel):
 
     # ----- snapshots and copies -----
 
-    def snapshot(self) -> dict[str, Any]:
-        """The JSON-safe definition as submitted: secret names (never values), file bytes (base64),
-        durations in seconds. :meth:`from_snapshot` rebuilds the same Job from it."""
+    def snapshot(self) -> JobSnapshot:
+        """The JSON-safe definition as submitted: secret names (never values), durations in
+        seconds, small files' bytes inline and larger files by sha256 and size, their bytes
+        attached as the snapshot's ``blobs`` for the ledger to store once.
+        :meth:`from_snapshot` rebuilds the Job from it."""
+        data = self._snapshot_data()
+        blobs: dict[str, Callable[[], bytes]] = {}
+        files = []
+        for entry in self.files:
+            stored, blob = entry.snapshot()
+            files.append(stored)
+            if blob is not None:
+                blobs[blob[0]] = blob[1]
+        data["files"] = files
+        return JobSnapshot(data, blobs)
+
+    def _snapshot_data(self) -> dict[str, Any]:
         data = self.model_dump(mode="json", exclude_none=True, exclude={"files"})
         if self.schedule is None:
             # An unscheduled job carries no schedule keys (their defaults would not load back).
             for key in SCHEDULE_KEYS:
                 data.pop(key, None)
-        data["files"] = [f.snapshot() for f in self.files]
         data["format"] = SNAPSHOT_FORMAT
         data["source_path"] = str(self.source_path) if self.source_path else None
         return data
@@ -404,7 +444,8 @@ class Job(BaseModel):
         self, env: Mapping[str, str] | None = None, timeout: float | None = None
     ) -> Job:
         """A copy with ``env`` merged over the job's env and/or a new ``timeout`` (seconds)."""
-        data = self.snapshot()
+        data = self._snapshot_data()
+        data["files"] = list(self.files)  # kept as they are, with their bytes
         data.pop("format")
         data.pop("source_path")
         if env:

@@ -16,6 +16,7 @@ from jobrunner.store.engine import default_url, mask_url, normalise_url, resolve
 from jobrunner.store.errors import (
     AmbiguousRunId,
     AttemptNotFound,
+    BlobNotFound,
     InvalidRunId,
     MigrationError,
     RunNotFound,
@@ -50,6 +51,7 @@ __all__ = [
     "AmbiguousRunId",
     "Attempt",
     "AttemptNotFound",
+    "BlobNotFound",
     "Fire",
     "FireDecision",
     "InvalidRunId",

@@ -22,6 +22,7 @@ from jobrunner.errors import JobrunnerError
 __all__ = [
     "AmbiguousRunId",
     "AttemptNotFound",
+    "BlobNotFound",
     "InvalidRunId",
     "MigrationError",
     "RunNotFound",
@@ -96,3 +97,14 @@ class AttemptNotFound(StoreError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.run_id, self.number))
+
+
+class BlobNotFound(StoreError):
+    """The blob store holds no bytes with this sha256."""
+
+    def __init__(self, sha256: str) -> None:
+        self.sha256 = sha256
+        super().__init__(f"the ledger holds no file contents with sha256 {sha256}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.sha256,))

@@ -217,6 +217,17 @@ class Ledger(Protocol):
         """Seconds to wait before one more call against the shared bucket ``key``."""
         ...
 
+    async def put_blob(self, data: bytes) -> str:
+        """Store ``data`` once in the content-addressed blob store; its sha256 (hex)."""
+        ...
+
+    async def get_blob(self, sha256: str) -> bytes:
+        """The bytes stored under ``sha256``; raises BlobNotFound.
+
+        ``create_run`` and ``enqueue_runs`` store the blobs a ``Job.snapshot()`` carries (its
+        large files) before the run that refers to them, so a run's files are always there."""
+        ...
+
 
 class SqlLedger:
     """The :class:`Ledger` over a SQL :class:`Store`, each call in one of a few threads."""
@@ -349,6 +360,15 @@ class SqlLedger:
 
     async def take_rate_token(self, key: str, rate: float, burst: int) -> float:
         return await self._call(self.store.take_rate_token, key, rate, burst)
+
+    async def put_blob(self, data: bytes) -> str:
+        return await self._call(self.store.put_blob, data)
+
+    async def get_blob(self, sha256: str) -> bytes:
+        # Handed over in a list that is emptied here: the pool's thread keeps a reference to
+        # the last result it returned, which would keep a large file alive for as long.
+        box = await self._call(lambda: [self.store.get_blob(sha256)])
+        return box.pop()
 
 
 def _conforms(store: Store) -> Ledger:

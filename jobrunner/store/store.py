@@ -34,6 +34,7 @@ from jobrunner.store.engine import (
 from jobrunner.store.errors import (
     AmbiguousRunId,
     AttemptNotFound,
+    BlobNotFound,
     InvalidRunId,
     RunNotFound,
     StoreIntegrityError,
@@ -52,8 +53,10 @@ from jobrunner.store.records import (
 from jobrunner.store.tables import (
     METADATA,
     AttemptRow,
+    BlobRow,
     LogLineRow,
     RateBucketRow,
+    RunBlobRow,
     RunRow,
     ScheduleFireRow,
     ScheduleRow,
@@ -66,6 +69,7 @@ __all__ = [
     "FireDecision",
     "RunRequest",
     "Store",
+    "snapshot_blob_refs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,6 +89,11 @@ log_lines = METADATA.tables[LogLineRow.__tablename__]
 rate_buckets = METADATA.tables[RateBucketRow.__tablename__]
 schedules_table = METADATA.tables[ScheduleRow.__tablename__]
 fires = METADATA.tables[ScheduleFireRow.__tablename__]
+blobs_table = METADATA.tables[BlobRow.__tablename__]
+run_blobs = METADATA.tables[RunBlobRow.__tablename__]
+# PostgreSQL advisory lock between storing blobs (shared: any number at once) and collecting
+# unused ones (exclusive), so a blob is never deleted while a new run that uses it commits.
+BLOB_LOCK = 0x6A725F626C6F6273  # "jr_blobs"
 # Rows per statement when many fires are decided at once (10,000 schedules due at one minute).
 FIRE_BATCH = 500
 # Fires recorded per transaction: each commits (and is visible to workers) on its own, so a
@@ -153,6 +162,27 @@ def _advisory_locks(db: sa.Connection, namespace: str, names: Iterable[str]) -> 
         return
     for lock_id in _lock_ids(namespace, names):
         db.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_id)))
+
+
+def snapshot_blob_refs(snapshot: Mapping[str, Any]) -> list[str]:
+    """The sha256 digests of the blobs a job snapshot's files refer to (files too large to be
+    kept inline: ``{"guest_path": ..., "sha256": ..., "size": ...}``), each once."""
+    files = snapshot.get("files")
+    if not files:
+        return []
+    found: list[str] = []
+    for entry in files:
+        if isinstance(entry, Mapping):
+            digest = entry.get("sha256")
+            if isinstance(digest, str) and digest not in found:
+                found.append(digest)
+    return found
+
+
+def _attached_blobs(snapshot: Mapping[str, Any]) -> Mapping[str, Callable[[], bytes]]:
+    """The bytes a ``jobrunner.spec.JobSnapshot`` carries beside its JSON (none for a dict)."""
+    attached = getattr(snapshot, "blobs", None)
+    return attached if isinstance(attached, Mapping) else {}
 
 
 def _check_aware(fields: dict[str, Any]) -> None:
@@ -381,6 +411,7 @@ class Store:
             trigger=trigger,
         )
         with self._write() as db:
+            self._put_snapshot_blobs(db, [job_snapshot])
             return self._insert_run(db, request, owner=owner, owner_ttl_s=owner_ttl_s)
 
     def enqueue_runs(
@@ -401,6 +432,8 @@ class Store:
             # All of a batch's keys are locked up front, in one global order (no deadlock).
             keys = [r.idempotency_key for r in requests if r.idempotency_key is not None]
             _advisory_locks(db, "jr.key", keys)
+            # Each distinct file once for the whole batch, before the runs that refer to it.
+            self._put_snapshot_blobs(db, [r.job_snapshot for r in requests])
             for request in requests:
                 existing = None
                 if request.idempotency_key is not None:
@@ -443,9 +476,93 @@ class Store:
             expires = self._claim_now(db) + timedelta(seconds=owner_ttl_s)
             values.update(owner=owner, owner_expires_at=expires)
         db.execute(runs.insert().values(values))
+        refs = snapshot_blob_refs(request.job_snapshot)
+        if refs:
+            db.execute(run_blobs.insert(), [{"run_id": values["id"], "sha256": d} for d in refs])
         reason = "submitted" if request.queue is None else f"enqueued on {request.queue}"
         self._record(db, values["id"], None, "pending", reason, None, now)
         return Run(**values)
+
+    # ----- blobs: job file contents, stored once -----
+
+    def put_blob(self, data: bytes) -> str:
+        """Store ``data`` in the content-addressed blob store (once, however often it is put);
+        returns its sha256, by which job snapshots refer to it."""
+        digest = hashlib.sha256(data).hexdigest()
+        with self._write() as db:
+            self._insert_blobs(db, {digest: lambda: data})
+        return digest
+
+    def get_blob(self, sha256: str) -> bytes:
+        """The bytes stored under ``sha256``; raises BlobNotFound."""
+        with self._read() as db:
+            row = db.execute(
+                sa.select(blobs_table.c.data).where(blobs_table.c.sha256 == sha256)
+            ).first()
+        if row is None:
+            raise BlobNotFound(sha256)
+        data = row[0]
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def blob_usage(self) -> tuple[int, int]:
+        """How many blobs the ledger holds, and their bytes in all."""
+        with self._read() as db:
+            count, total = db.execute(
+                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(blobs_table.c.size), 0))
+            ).one()
+        return int(count), int(total)
+
+    def _put_snapshot_blobs(
+        self, db: sa.Connection, snapshots: Iterable[Mapping[str, Any]]
+    ) -> None:
+        """Make sure the blobs these snapshots refer to are stored, before their runs are:
+        each distinct snapshot object is looked at once (a schedule's fires share one) and
+        each missing blob written once, from the bytes the snapshot carries (``JobSnapshot``).
+        A snapshot without them may only refer to blobs the ledger already holds."""
+        wanted: dict[str, Callable[[], bytes] | None] = {}
+        seen: set[int] = set()
+        for snapshot in snapshots:
+            if id(snapshot) in seen:
+                continue
+            seen.add(id(snapshot))
+            refs = snapshot_blob_refs(snapshot)
+            if refs:
+                attached = _attached_blobs(snapshot)
+                for digest in refs:
+                    wanted[digest] = wanted.get(digest) or attached.get(digest)
+        if wanted:
+            self._insert_blobs(db, wanted)
+
+    def _insert_blobs(
+        self, db: sa.Connection, wanted: Mapping[str, Callable[[], bytes] | None]
+    ) -> None:
+        if db.dialect.name == "postgresql":
+            db.execute(sa.select(sa.func.pg_advisory_xact_lock_shared(BLOB_LOCK)))
+        present = {
+            row.sha256
+            for row in db.execute(
+                sa.select(blobs_table.c.sha256).where(blobs_table.c.sha256.in_(list(wanted)))
+            )
+        }
+        dialect_insert = postgresql.insert if db.dialect.name == "postgresql" else sqlite.insert
+        for digest, load in wanted.items():
+            if digest in present:
+                continue
+            if load is None:
+                raise ValueError(
+                    f"the job snapshot refers to file contents (sha256 {digest}) that the ledger "
+                    "does not hold: pass the snapshot Job.snapshot() returned (it carries the "
+                    "bytes), not a copy of it"
+                )
+            data = load()
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise ValueError(f"the bytes given for blob {digest} do not have that sha256")
+            db.execute(
+                dialect_insert(blobs_table)
+                .values(sha256=digest, size=len(data), data=data, created_at=self._clock.now())
+                .on_conflict_do_nothing(index_elements=["sha256"])
+            )
+            del data
 
     def get_run(self, run_id_or_prefix: str) -> Run:
         """The run with this id, or the one run whose id starts with this prefix (>= 6 chars,
@@ -1355,6 +1472,10 @@ class Store:
             return []
         now = self._clock.now()
         writers = self._fire_writers(db.dialect)
+        # A schedule's fires share one snapshot: its files' blobs are written once, if missing.
+        self._put_snapshot_blobs(
+            db, [d.run.job_snapshot for d in batch if d.decision == "fired" and d.run is not None]
+        )
         # The runs go in first, since the fire rows reference them; a fire row that loses to
         # another scheduler's (same schedule and tick) takes its run back out below.
         if ahead is None:
@@ -1390,6 +1511,13 @@ class Store:
         if lost:  # decided by another scheduler: its fire (and run) stand, ours never existed
             db.execute(runs.delete().where(runs.c.id.in_(lost)))
         kept = {i: run_rows[i] for i in ours if i in run_rows}
+        uses = [
+            {"run_id": row["id"], "sha256": digest}
+            for row in kept.values()
+            for digest in snapshot_blob_refs(row["job_snapshot"])
+        ]
+        if uses:
+            db.execute(run_blobs.insert(), uses)
         writers.transitions.execute(
             db,
             writers.transitions.convert_many(
@@ -1562,13 +1690,29 @@ class Store:
 
     @staticmethod
     def _delete_runs(db: sa.Connection, doomed: Sequence[str]) -> None:
-        for start in range(0, len(doomed), FIRE_BATCH):
-            chunk = doomed[start : start + FIRE_BATCH]
+        chunks = [doomed[i : i + FIRE_BATCH] for i in range(0, len(doomed), FIRE_BATCH)]
+        used: set[str] = set()
+        for chunk in chunks:
+            query = sa.select(run_blobs.c.sha256).where(run_blobs.c.run_id.in_(chunk))
+            used.update(db.execute(query).scalars())
+        if used and db.dialect.name == "postgresql":
+            # Before any row is touched: no run that uses one of these blobs commits meanwhile.
+            db.execute(sa.select(sa.func.pg_advisory_xact_lock(BLOB_LOCK)))
+        for chunk in chunks:
             # Not every database enforces ON DELETE for us: clear the references first.
             db.execute(fires.update().where(fires.c.run_id.in_(chunk)).values(run_id=None))
-            for table in (log_lines, transitions_table, attempts):
+            for table in (log_lines, transitions_table, attempts, run_blobs):
                 db.execute(table.delete().where(table.c.run_id.in_(chunk)))
             db.execute(runs.delete().where(runs.c.id.in_(chunk)))
+        # The file contents only these runs used go with them.
+        candidates = sorted(used)
+        for start in range(0, len(candidates), FIRE_BATCH):
+            db.execute(
+                blobs_table.delete().where(
+                    blobs_table.c.sha256.in_(candidates[start : start + FIRE_BATCH]),
+                    ~sa.exists().where(run_blobs.c.sha256 == blobs_table.c.sha256),
+                )
+            )
 
     # ----- rate limits -----
 
@@ -1694,6 +1838,7 @@ class Store:
                 taken = sa.select(attempts.c.id).where(attempts.c.submit_id.in_(submit_ids))
                 if db.execute(taken.limit(1)).first() is not None:
                     return None
+                self._put_snapshot_blobs(db, [request.job_snapshot])
                 run = self._insert_run(db, request)
                 db.execute(
                     transitions_table.update()

@@ -18,8 +18,10 @@ from sqlmodel import Field, SQLModel
 __all__ = [
     "METADATA",
     "AttemptRow",
+    "BlobRow",
     "LogLineRow",
     "RateBucketRow",
+    "RunBlobRow",
     "RunRow",
     "ScheduleFireRow",
     "ScheduleRow",
@@ -250,3 +252,31 @@ class ScheduleFireRow(StoreModel, table=True):
         ),
     )
     decided_at: datetime = _ts(nullable=False)
+
+
+class BlobRow(StoreModel, table=True):
+    """The bytes of a job's file, stored once however many runs use them (content-addressed:
+    the key is the sha256 of ``data``). Run snapshots refer to them by digest."""
+
+    __tablename__ = "blobs"
+
+    sha256: str = Field(sa_column=sa.Column(sa.String(64), primary_key=True))
+    size: int = Field(sa_column=sa.Column(sa.BigInteger(), nullable=False))
+    data: bytes = Field(sa_column=sa.Column(sa.LargeBinary(), nullable=False))
+    created_at: datetime = _ts(nullable=False)
+
+
+class RunBlobRow(StoreModel, table=True):
+    """Which run refers to which blob: pruning runs removes blobs no run refers to any more."""
+
+    __tablename__ = "run_blobs"
+    __table_args__ = (sa.Index("ix_run_blobs_sha256", "sha256"),)
+
+    run_id: str = Field(
+        sa_column=sa.Column(
+            sa.String(26),
+            sa.ForeignKey("runs.id", ondelete="CASCADE"),
+            primary_key=True,
+        )
+    )
+    sha256: str = Field(sa_column=sa.Column(sa.String(64), primary_key=True))

@@ -3,7 +3,6 @@ user allowed with JOBRUNNER_FILES_ROOT), like a container build context."""
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import sys
@@ -70,7 +69,7 @@ def test_sources_inside_the_folder_still_load(tmp_path: Path) -> None:
     (jobs / "link.txt").symlink_to(jobs / "data" / "x.txt")  # a symlink that stays inside
     for source in ("data/x.txt", "./data/../data/x.txt", "link.txt", str(jobs / "data/x.txt")):
         job = load_job(write_job(jobs, source))
-        assert base64.b64decode(job.files[0].raw_value or "") == b"inside", source
+        assert job.files[0].data == b"inside", source
 
 
 def test_an_explicit_files_root_allows_a_folder(
@@ -79,7 +78,7 @@ def test_an_explicit_files_root_allows_a_folder(
     path = write_job(tmp_path / "jobs", str(outside))
     monkeypatch.setenv("JOBRUNNER_FILES_ROOT", f"/nonexistent{os.pathsep}{outside.parent}")
     job = load_job(path)
-    assert base64.b64decode(job.files[0].raw_value or "") == b"host-only data\n"
+    assert job.files[0].data == b"host-only data\n"
 
 
 def test_the_cli_refuses_with_exit_65_and_never_records_the_file(

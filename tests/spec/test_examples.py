@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import subprocess
 import time
 from pathlib import Path
@@ -81,7 +80,7 @@ def test_files_env_secret_places_both_files_and_needs_the_secret(tmp_path: Path)
     script = _argv(job)[-1]
     for spec in job.files:
         local = tmp_path / Path(spec.guest_path).name
-        local.write_bytes(base64.b64decode(spec.raw_value or ""))
+        local.write_bytes(spec.data or b"")
         script = script.replace(spec.guest_path, str(local))
     done = subprocess.run(
         ["python3", "-c", script],

@@ -820,3 +820,62 @@ async def test_queue_stats_counts_waiting_in_flight_and_dead(h: Harness) -> None
         {"queue": "a", "pending": 2, "in_flight": 2, "dead": 1},
         {"queue": "b", "pending": 1, "in_flight": 0, "dead": 0},
     ]
+
+
+# ----- blobs: job file contents, stored once -----
+
+
+def _large_file_job(data: bytes) -> Any:
+    from jobrunner.spec import Job
+
+    text = data.hex()  # text content: the snapshot refers to it by digest once it is large
+    return Job(
+        name="big", image="alpine", cmd=["true"], files=[{"guest_path": "/srv/x", "content": text}]
+    )
+
+
+async def test_blob_put_and_get(h: Harness) -> None:
+    import hashlib
+
+    from jobrunner.store import BlobNotFound
+
+    data = bytes(range(256)) * 1000
+    digest = await h.ledger.put_blob(data)
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert await h.ledger.put_blob(data) == digest  # content-addressed: the same key again
+    assert await h.other().get_blob(digest) == data
+    with pytest.raises(BlobNotFound):
+        await h.ledger.get_blob("0" * 64)
+    empty = await h.ledger.put_blob(b"")
+    assert await h.ledger.get_blob(empty) == b""
+
+
+async def test_runs_store_their_large_files_as_blobs_before_the_run(h: Harness) -> None:
+    job = _large_file_job(b"\x01" * 40_000)
+    snapshot = job.snapshot()
+    [digest] = list(snapshot.blobs)
+    assert snapshot["files"][0] == {"guest_path": "/srv/x", "sha256": digest, "size": 80_000}
+
+    created = await create(h.ledger, job_snapshot=snapshot)
+    [(queued, _)] = await h.ledger.enqueue_runs([req(job_snapshot=snapshot)])
+    for run in (created, queued):
+        stored = (await h.ledger.get_run(run.id)).job_snapshot
+        assert stored == dict(snapshot)
+        rebuilt = type(job).from_snapshot(stored)
+        assert rebuilt.blob_digests() == [digest]
+        blobs = {d: await h.other().get_blob(d) for d in rebuilt.blob_digests()}
+        config = rebuilt.to_machine_config(environ={}, metadata={}, blobs=blobs)
+        assert config == job.to_machine_config(environ={}, metadata={})
+
+
+async def test_a_copied_snapshot_must_refer_to_stored_blobs(h: Harness) -> None:
+    job = _large_file_job(b"\x02" * 40_000)
+    copied = dict(job.snapshot())  # the bytes do not come along with a plain copy
+    with pytest.raises(ValueError, match="does not hold"):
+        await create(h.ledger, job_snapshot=copied)
+    with pytest.raises(ValueError, match="does not hold"):
+        await h.ledger.enqueue_runs([req(), req(job_snapshot=copied)])
+    assert await h.ledger.list_runs() == []  # nothing of either was recorded
+    await create(h.ledger, job_snapshot=job.snapshot())
+    await create(h.ledger, job_snapshot=copied)  # now the ledger holds them
+    assert len(await h.ledger.list_runs()) == 2
