@@ -4,4 +4,5 @@ from __future__ import annotations
 
 from jobrunner.cli import main
 
-main()
+# The name shell completion (_JOBRUNNER_COMPLETE) and usage lines use, however it was started.
+main(prog_name="jobrunner")

@@ -8,14 +8,16 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
 
 from jobrunner.cli import exitcodes
 from jobrunner.config import BACKENDS, Settings
 from jobrunner.errors import ConfigError, JobrunnerError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,18 +27,56 @@ class CliContext:
     json: bool
     backend: str | None
     app: str | None
+    # Whether --backend / --app were given on the command line (not from the environment).
+    backend_given: bool = False
+    app_given: bool = False
 
     def settings(self) -> Settings:
-        return Settings.from_env(backend=self.backend, app=self.app)
+        from jobrunner.cli.ledger_read import check_ledger_location
+
+        settings = Settings.from_env(backend=self.backend, app=self.app)
+        check_ledger_location()  # a home or ledger that can never work: exit 78, not 74
+        return settings
+
+
+def _no_color() -> bool:
+    return "NO_COLOR" in os.environ or os.environ.get("TERM") == "dumb"
 
 
 def _console(stderr: bool) -> Console:
-    # rich honours NO_COLOR itself; highlight=False keeps job output exactly as the job wrote it.
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    from rich.console import Console
+
+    # NO_COLOR: no escape code at all (rich alone would still write bold and dim).
+    # highlight=False keeps job output exactly as the job wrote it.
+    return Console(
+        stderr=stderr,
+        highlight=False,
+        soft_wrap=True,
+        color_system=None if _no_color() else "auto",
+    )
 
 
-out = _console(stderr=False)
-err = _console(stderr=True)
+class _LazyConsole:
+    """A rich Console made on first use: commands that print no rich text never import rich."""
+
+    def __init__(self, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def _get(self) -> Console:
+        if self._console is None:
+            self._console = _console(self._stderr)
+        return self._console
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        self._get().print(*objects, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+
+out = _LazyConsole(stderr=False)
+err = _LazyConsole(stderr=True)
 
 
 def utf8_flag(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -45,12 +85,20 @@ def utf8_flag(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     The shell passes bytes that are not UTF-8 as lone surrogates, which no API or ledger query can
     carry; without this the command would fail later with an internal error.
     """
-    from jobrunner.spec.text import utf8_problem
+    if isinstance(value, str) and not _is_utf8(value):
+        from jobrunner.spec.text import utf8_problem
 
-    problem = utf8_problem(value) if isinstance(value, str) else None
-    if problem is not None:
+        problem = utf8_problem(value)
         raise click.BadParameter(f"{problem}; pass UTF-8 text", ctx=ctx, param=param)
     return value
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def common_options(fn: F) -> F:
@@ -72,7 +120,16 @@ def common_options(fn: F) -> F:
     )
     @functools.wraps(fn)
     def wrapper(*args: Any, as_json: bool, backend: str | None, app: str | None, **kw: Any) -> Any:
-        return fn(*args, ctx=CliContext(json=as_json, backend=backend, app=app), **kw)
+        click_ctx = click.get_current_context()
+        given = click.core.ParameterSource.COMMANDLINE
+        ctx = CliContext(
+            json=as_json,
+            backend=backend,
+            app=app,
+            backend_given=click_ctx.get_parameter_source("backend") == given,
+            app_given=click_ctx.get_parameter_source("app") == given,
+        )
+        return fn(*args, ctx=ctx, **kw)
 
     return wrapper  # type: ignore[return-value]
 
@@ -84,15 +141,26 @@ def print_json(data: Any) -> None:
 
 def exit_for_error(exc: BaseException) -> int:
     """The documented exit code (docs/cli.md) for an expected error."""
-    from jobrunner.spec import JobSpecError
-    from jobrunner.store import AmbiguousRunId, InvalidRunId, RunNotFound
+    from jobrunner.cli.ledger_read import RunIdError
 
-    if isinstance(exc, JobSpecError):
-        return exitcodes.INVALID_JOB
     if isinstance(exc, ConfigError):
         return exitcodes.CONFIG
-    if isinstance(exc, (RunNotFound, AmbiguousRunId, InvalidRunId)):
-        return exitcodes.USAGE  # a RUN argument that names no single run
+    if isinstance(exc, RunIdError):
+        return exitcodes.USAGE
+    # An error can only be an instance of a class whose module is loaded: checking the spec and
+    # store errors only when they are keeps an error on the light read path from importing them.
+    if "jobrunner.spec" in sys.modules:
+        from jobrunner.spec import JobSpecError
+
+        if isinstance(exc, JobSpecError):
+            return exitcodes.INVALID_JOB
+    if "jobrunner.store" in sys.modules:
+        from jobrunner.store import AmbiguousRunId, InvalidRunId, MigrationError, RunNotFound
+
+        if isinstance(exc, (RunNotFound, AmbiguousRunId, InvalidRunId)):
+            return exitcodes.USAGE  # a RUN argument that names no single run
+        if isinstance(exc, MigrationError):
+            return exitcodes.CONFIG  # a ledger a newer jobrunner wrote: retrying cannot help
     return exitcodes.BACKEND_ERROR
 
 
@@ -138,4 +206,6 @@ def _escape(text: str) -> str:
 
 
 def color_enabled() -> bool:
-    return "NO_COLOR" not in os.environ and out.is_terminal
+    from jobrunner.cli.tables import color_enabled as enabled
+
+    return enabled(sys.stdout)

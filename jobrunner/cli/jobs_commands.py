@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.markup import escape
-from rich.table import Table
 
 from jobrunner.cli import exitcodes
-from jobrunner.cli.common import CliContext, common_options, err, out, print_json
-from jobrunner.durations import format_duration
-from jobrunner.spec import Job, JobSpecError, discover_jobs, load_job
+from jobrunner.cli.common import CliContext, common_options, print_json
+from jobrunner.cli.tables import color_enabled, paint, write_table
+
+if TYPE_CHECKING:
+    from jobrunner.spec import Job
 
 JOBS_DIR = click.option(
     "--jobs-dir",
@@ -44,11 +44,30 @@ def _job_dict(path: Path, job: Job) -> dict[str, Any]:
     }
 
 
+def _existing_dir(jobs_dir: Path) -> None:
+    """--jobs-dir must name a folder that exists (exit 2), not silently list nothing."""
+    if not jobs_dir.is_dir():
+        problem = "is not a directory" if jobs_dir.exists() else "does not exist"
+        raise click.BadParameter(
+            f"{str(jobs_dir)!r} {problem}; pass the folder holding your job files (*.toml)",
+            param_hint="'--jobs-dir'",
+        )
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
 @jobs_group.command("list")
 @JOBS_DIR
 @common_options
 def list_command(jobs_dir: Path, ctx: CliContext) -> None:
     """List the jobs in --jobs-dir (invalid ones are listed with their first problem)."""
+    from jobrunner.durations import format_duration
+    from jobrunner.spec import Job, JobSpecError, discover_jobs
+
+    _existing_dir(jobs_dir)
     found = discover_jobs(jobs_dir)
     valid = [(p, j) for p, j in found if isinstance(j, Job)]
     invalid = [(p, j) for p, j in found if isinstance(j, JobSpecError)]
@@ -60,25 +79,26 @@ def list_command(jobs_dir: Path, ctx: CliContext) -> None:
             }
         )
     else:
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("JOB", "IMAGE", "GUEST", "TIMEOUT", "ATTEMPTS", "FILE"):
-            table.add_column(column)
+        rows = []
         for path, job in valid:
             g = job.guest_resolved()
-            table.add_row(
-                job.name,
-                job.image,
-                f"{g.cpus}x{g.cpu_kind} {g.memory_mb}MB",
-                format_duration(job.timeout) if job.timeout else "-",
-                str(job.retries.max_attempts),
-                str(path),
+            rows.append(
+                [
+                    job.name,
+                    job.image or "-",
+                    f"{g.cpus}x{g.cpu_kind} {g.memory_mb}MB",
+                    format_duration(job.timeout) if job.timeout else "-",
+                    str(job.retries.max_attempts),
+                    str(path),
+                ]
             )
         if valid:
-            out.print(table)
+            write_table(("JOB", "IMAGE", "GUEST", "TIMEOUT", "ATTEMPTS", "FILE"), rows)
+        color = color_enabled(sys.stderr)
         for path, error in invalid:
-            err.print(f"[red]invalid[/] {escape(str(path))}: {escape(str(error).splitlines()[0])}")
+            _say(f"{paint('invalid', 'red', color=color)} {path}: {str(error).splitlines()[0]}")
         if not found:
-            err.print(f"no job files (*.toml) in {escape(str(jobs_dir))}")
+            _say(f"no job files (*.toml) in {jobs_dir}")
     sys.exit(exitcodes.INVALID_JOB if invalid else exitcodes.OK)
 
 
@@ -93,6 +113,10 @@ def validate_command(
     paths: tuple[Path, ...], jobs_dir: Path, no_check_secrets: bool, ctx: CliContext
 ) -> None:
     """Check job files (default: every file in --jobs-dir); exit 65 if any is invalid."""
+    from jobrunner.spec import JobSpecError, load_job
+
+    if not paths:
+        _existing_dir(jobs_dir)
     targets = list(paths) or sorted(jobs_dir.glob("*.toml"))
     results: list[dict[str, Any]] = []
     for path in targets:
@@ -106,14 +130,15 @@ def validate_command(
     if ctx.json:
         print_json(results)
     else:
+        color = color_enabled(sys.stdout)
         for r in results:
             if r["valid"]:
-                out.print(f"[green]ok[/]      {escape(r['path'])} ({r['name']})")
+                print(f"{paint('ok', 'green', color=color)}      {r['path']} ({r['name']})")
             else:
-                out.print(f"[red]invalid[/] {escape(r['path'])}")
+                print(f"{paint('invalid', 'red', color=color)} {r['path']}")
                 for line in r["errors"]:
-                    out.print(f"  {escape(line)}")
+                    print(f"  {line}")
         if not targets:
-            err.print(f"no job files given and none in {escape(str(jobs_dir))}")
+            _say(f"no job files given and none in {jobs_dir}")
     bad = any(not r["valid"] for r in results)
     sys.exit(exitcodes.INVALID_JOB if bad else exitcodes.OK)

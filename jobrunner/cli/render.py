@@ -1,15 +1,97 @@
-"""Turning runs into JSON for scripts and into tables for people."""
+"""Turning runs into JSON for scripts and into tables for people.
+
+Runs come from the store (``jobrunner.store.Run`` ...) or from the CLI's light read path
+(``jobrunner.cli.ledger_read``); both have the attributes the protocols below name.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from rich.table import Table
-
+from jobrunner.cli.tables import Cell, color_enabled, format_table
 from jobrunner.durations import format_duration
-from jobrunner.store import Attempt, Run, Transition
+
+
+class Run(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def job_name(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def exit_code(self) -> int | None: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def region(self) -> str | None: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def app(self) -> str | None: ...
+    @property
+    def trigger(self) -> str: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def started_at(self) -> datetime | None: ...
+    @property
+    def finished_at(self) -> datetime | None: ...
+    @property
+    def short_id(self) -> str: ...
+    @property
+    def duration_s(self) -> float | None: ...
+
+
+class Attempt(Protocol):
+    @property
+    def number(self) -> int: ...
+    @property
+    def machine_id(self) -> str | None: ...
+    @property
+    def instance_id(self) -> str | None: ...
+    @property
+    def region(self) -> str | None: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def outcome(self) -> str | None: ...
+    @property
+    def exit_code(self) -> int | None: ...
+    @property
+    def oom_killed(self) -> bool | None: ...
+    @property
+    def signal(self) -> int | None: ...
+    @property
+    def requested_stop(self) -> bool | None: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def started_at(self) -> datetime | None: ...
+    @property
+    def finished_at(self) -> datetime | None: ...
+
+
+class Transition(Protocol):
+    @property
+    def attempt_number(self) -> int | None: ...
+    @property
+    def from_state(self) -> str | None: ...
+    @property
+    def to_state(self) -> str: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def at(self) -> datetime: ...
+
 
 STATE_STYLE = {
     "succeeded": "green",
@@ -83,43 +165,62 @@ def _when(moment: datetime) -> str:
 
 
 def styled_state(state: str) -> str:
+    """``state`` in rich markup with its colour (for messages printed through rich)."""
     style = STATE_STYLE.get(state)
     return f"[{style}]{state}[/]" if style else state
 
 
-def runs_table(rows: Sequence[tuple[Run, Sequence[Attempt]]]) -> Table:
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("RUN", "JOB", "STATE", "EXIT", "MACHINE", "DURATION", "CREATED"):
-        table.add_column(column)
+def state_cell(state: str) -> Cell:
+    return (state, STATE_STYLE.get(state))
+
+
+def runs_table(rows: Sequence[tuple[Run, Sequence[Attempt]]], *, color: bool | None = None) -> str:
+    """The runs as a table (complete cells, no trailing spaces; colour only on a terminal)."""
+    body: list[list[Cell]] = []
     for run, attempts in rows:
         data = run_dict(run, attempts)
-        table.add_row(
-            run.short_id,
-            run.job_name,
-            styled_state(run.state),
-            "" if run.exit_code is None else str(run.exit_code),
-            data["machine_id"] or "",
-            format_duration(run.duration_s) if run.duration_s is not None else "",
-            _when(run.created_at),
+        body.append(
+            [
+                run.short_id,
+                run.job_name,
+                state_cell(run.state),
+                "" if run.exit_code is None else str(run.exit_code),
+                data["machine_id"] or "",
+                format_duration(run.duration_s) if run.duration_s is not None else "",
+                _when(run.created_at),
+            ]
         )
-    return table
+    headers = ("RUN", "JOB", "STATE", "EXIT", "MACHINE", "DURATION", "CREATED")
+    return format_table(headers, body, color=color_enabled() if color is None else color)
 
 
-def run_detail(run: Run, attempts: Sequence[Attempt], transitions: Sequence[Transition]) -> Table:
+def run_detail(
+    run: Run,
+    attempts: Sequence[Attempt],
+    transitions: Sequence[Transition],
+    *,
+    color: bool | None = None,
+) -> str:
+    """A run, one ``key  value`` line per field, attempt and state change."""
+    paint_on = color_enabled() if color is None else color
     data = run_dict(run, attempts)
-    table = Table(box=None, show_header=False, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+    body: list[list[Cell]] = []
     for key, value in data.items():
         if value is None:
             continue
-        table.add_row(key, styled_state(str(value)) if key in ("state", "outcome") else str(value))
+        shown = state_cell(str(value)) if key in ("state", "outcome") else str(value)
+        body.append([(key, "bold"), shown])
     for a in attempts:
         summary = f"{a.outcome or a.state} machine={a.machine_id or '-'} exit={a.exit_code}"
-        table.add_row(f"attempt {a.number}", summary + (f" ({a.reason})" if a.reason else ""))
-    for t in transitions:
-        table.add_row(
-            t.at.strftime("%H:%M:%S.%f")[:-3],
-            f"{t.from_state or '-'} -> {t.to_state}" + (f"  {t.reason}" if t.reason else ""),
+        body.append(
+            [(f"attempt {a.number}", "bold"), summary + (f" ({a.reason})" if a.reason else "")]
         )
-    return table
+    for t in transitions:
+        body.append(
+            [
+                (t.at.strftime("%H:%M:%S.%f")[:-3], "bold"),
+                f"{t.from_state or '-'} -> {t.to_state}" + (f"  {t.reason}" if t.reason else ""),
+            ]
+        )
+    table = format_table(("", ""), body, color=paint_on)
+    return table.split("\n", 1)[1]  # no header line

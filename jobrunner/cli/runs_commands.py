@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-import anyio
 import click
-from rich.markup import escape
 
 from jobrunner.cli import exitcodes
-from jobrunner.cli.common import CliContext, common_options, err, out, print_json, utf8_flag
-from jobrunner.cli.driving import TerminalPrinter, ensure_shared_ledger, report
+from jobrunner.cli.common import CliContext, common_options, err, print_json, utf8_flag
 from jobrunner.cli.render import run_detail, run_dict, runs_table
-from jobrunner.config import Settings
-from jobrunner.events import RunEvent
-from jobrunner.machines.models import Machine
-from jobrunner.runner import RunBusy
-from jobrunner.session import open_runner, open_store
-from jobrunner.store import RUN_STATES
+from jobrunner.states import RUN_STATES
+
+if TYPE_CHECKING:
+    from jobrunner.config import Settings
+    from jobrunner.events import RunEvent
+    from jobrunner.machines.models import Machine
+
+# Only `runs list`, `runs show` (and `logs`) are on the light read path (ledger_read): the other
+# commands import the runner, the client and the store when they run.
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 @click.group("runs")
@@ -36,18 +43,25 @@ def runs_group() -> None:
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @common_options
 def list_command(job: str | None, state: tuple[str, ...], limit: int, ctx: CliContext) -> None:
-    """List runs, newest first."""
-    store = open_store(ctx.settings())
-    try:
-        runs = store.list_runs(job=job, state=list(state) or None, limit=limit)
-        rows = [(r, store.get_attempts(r.id)) for r in runs]
-    finally:
-        store.close()
+    """List runs, newest first (--app and --backend, when given, filter them too)."""
+    from jobrunner.cli.ledger_read import reading
+
+    # Reading the ledger needs no backend settings (and so no Fly token).
+    with reading() as ledger:
+        runs = ledger.list_runs(
+            job=job,
+            states=state,
+            app=ctx.app if ctx.app_given else None,
+            backend=ctx.backend if ctx.backend_given else None,
+            limit=limit,
+        )
+        attempts = ledger.attempts([r.id for r in runs])
+    rows = [(r, attempts[r.id]) for r in runs]
     if ctx.json:
         print_json([run_dict(r, a) for r, a in rows])
     elif rows:
-        out.print(runs_table(rows))
-    elif job or state:
+        sys.stdout.write(runs_table(rows))
+    elif job or state or ctx.app_given or ctx.backend_given:
         err.print("no runs match these filters")
     else:
         err.print("no runs yet; start one with: jobrunner run jobs/hello.toml")
@@ -58,13 +72,12 @@ def list_command(job: str | None, state: tuple[str, ...], limit: int, ctx: CliCo
 @common_options
 def show_command(run_id: str, ctx: CliContext) -> None:
     """Show one run: outcome, attempts and every state change."""
-    store = open_store(ctx.settings())
-    try:
-        run = store.get_run(run_id)
-        attempts = store.get_attempts(run.id)
-        transitions = store.transitions(run.id)
-    finally:
-        store.close()
+    from jobrunner.cli.ledger_read import reading
+
+    with reading() as ledger:
+        run = ledger.get_run(run_id)
+        attempts = ledger.attempts([run.id])[run.id]
+        transitions = ledger.transitions(run.id)
     if ctx.json:
         from jobrunner.cli.render import attempt_dict
 
@@ -82,7 +95,7 @@ def show_command(run_id: str, ctx: CliContext) -> None:
         ]
         print_json(data)
     else:
-        out.print(run_detail(run, attempts, transitions))
+        sys.stdout.write(run_detail(run, attempts, transitions))
 
 
 @runs_group.command("reconcile")
@@ -93,23 +106,27 @@ def reconcile_command(ctx: CliContext) -> None:
     Runs whose machines are still going are waited for; exit code 0 when every resumed run
     reached an outcome.
     """
+    import anyio
+
     settings = ctx.settings()
     sys.exit(anyio.run(_reconcile, settings, ctx.json))
 
 
 def _print_notices(event: RunEvent) -> None:
     if event.kind == "notice":
-        err.print(f"[dim]jobrunner:[/] {escape(event.message)}")
+        err.print(f"[dim]jobrunner:[/] {_escape(event.message)}")
 
 
 async def _reconcile(settings: Settings, as_json: bool) -> int:
+    from jobrunner.session import open_runner
+
     async with open_runner(settings, on_event=_print_notices) as runner:
         done = await runner.reconcile()
         rows = [(r, await runner.ledger.get_attempts(r.id)) for r in done.runs]
     if as_json:
         print_json([run_dict(r, a) for r, a in rows])
     elif rows:
-        out.print(runs_table(rows))
+        sys.stdout.write(runs_table(rows))
     else:
         err.print("nothing to reconcile: every run is finished or has a live driver")
     # A run waiting for its retry's time is not a failure; a run that raised is.
@@ -138,6 +155,8 @@ def retry_command(run_id: str, attempts: int | None, ctx: CliContext) -> None:
 
     Its history stays; it gets new attempts and goes back to its queue (or `default`).
     """
+    from jobrunner.cli.driving import ensure_shared_ledger
+    from jobrunner.session import open_store
     from jobrunner.spec import Job
     from jobrunner.store import default_url
     from jobrunner.wakeup import notify
@@ -151,7 +170,7 @@ def retry_command(run_id: str, attempts: int | None, ctx: CliContext) -> None:
         try:
             run = store.retry_run(run.id, extra_attempts=extra)
         except ValueError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}")
+            err.print(f"[bold red]error:[/] {_escape(str(exc))}")
             sys.exit(exitcodes.USAGE)
     finally:
         store.close()
@@ -160,7 +179,7 @@ def retry_command(run_id: str, attempts: int | None, ctx: CliContext) -> None:
         print_json(run_dict(run))
     else:
         err.print(
-            f"[dim]jobrunner:[/] run {run.id} queued again on {escape(run.queue or 'default')} "
+            f"[dim]jobrunner:[/] run {run.id} queued again on {_escape(run.queue or 'default')} "
             f"with {extra} more attempt(s); a `jobrunner worker` will run it"
         )
     sys.exit(exitcodes.OK)
@@ -171,6 +190,12 @@ def retry_command(run_id: str, attempts: int | None, ctx: CliContext) -> None:
 @common_options
 def drive_command(run_id: str, ctx: CliContext) -> None:
     """Drive RUN to its outcome (used by `run --detach`)."""
+    import anyio
+
+    from jobrunner.cli.driving import TerminalPrinter, report
+    from jobrunner.runner import RunBusy
+    from jobrunner.session import open_runner
+
     settings = ctx.settings()
 
     async def go() -> int:
@@ -192,20 +217,41 @@ def drive_command(run_id: str, ctx: CliContext) -> None:
 @click.option("--dry-run", is_flag=True, help="Only list the orphaned machines.")
 @common_options
 def gc_command(yes: bool, dry_run: bool, ctx: CliContext) -> None:
-    """Destroy machines tagged by jobrunner that no unfinished run owns."""
+    """Destroy machines tagged by jobrunner that no unfinished run owns.
+
+    Without a terminal (or with --json), destroying needs --yes: without it the orphans are
+    listed and the command exits 2.
+    """
+    import anyio
+
+    from jobrunner.session import open_runner
+
     settings = ctx.settings()
 
+    def describe(m: Machine) -> str:
+        return f"  {m.id}  app={settings.app}  state={m.state}  run={_run_of(m)}"
+
     async def go() -> int:
+        code = exitcodes.OK
         async with open_runner(settings) as runner:
             orphans = await runner.orphan_machines()
             destroy = bool(orphans) and not dry_run
+            if orphans and not ctx.json:
+                err.print(
+                    f"{len(orphans)} orphaned machine(s) in app {settings.app}:", markup=False
+                )
+                for m in orphans:
+                    err.print(describe(m), markup=False)
             if destroy and not yes:
                 if ctx.json or not sys.stdin.isatty():
-                    err.print("refusing to destroy without confirmation: pass --yes")
+                    err.print(
+                        "refusing to destroy without confirmation: pass --yes "
+                        "(or --dry-run to only list them)",
+                        markup=False,
+                    )
                     destroy = False
+                    code = exitcodes.USAGE
                 else:
-                    for m in orphans:
-                        err.print(f"  {m.id}  {m.state}  run={_run_of(m)}")
                     destroy = click.confirm(f"destroy these {len(orphans)} machines?")
             destroyed = []
             if destroy:
@@ -218,6 +264,7 @@ def gc_command(yes: bool, dry_run: bool, ctx: CliContext) -> None:
                     "orphans": [
                         {
                             "machine_id": m.id,
+                            "app": settings.app,
                             "state": m.state,
                             "run_id": _run_of(m),
                         }
@@ -228,9 +275,11 @@ def gc_command(yes: bool, dry_run: bool, ctx: CliContext) -> None:
             )
         elif not orphans:
             err.print("no orphaned machines")
-        else:
+        elif dry_run:
+            err.print(f"dry run: would destroy {len(orphans)} orphaned machine(s); nothing done")
+        elif code == exitcodes.OK:
             err.print(f"destroyed {len(destroyed)} of {len(orphans)} orphaned machines")
-        return exitcodes.OK
+        return code
 
     sys.exit(anyio.run(go))
 

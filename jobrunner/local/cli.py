@@ -132,7 +132,11 @@ def serve(
 
 @local.command()
 @click.option("--host", default=DEFAULT_HOST, show_default=True)
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
+@click.option(
+    "--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
+    envvar="JOBRUNNER_LOCAL_PORT",
+    help="Port (0: any) [env JOBRUNNER_LOCAL_PORT, as `jobrunner run` uses it].",
+)  # fmt: skip
 @_state_dir_option
 @click.option("--timeout", default=15.0, show_default=True, help="Seconds to wait for it.")
 @_json_option
