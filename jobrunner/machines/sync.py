@@ -27,6 +27,7 @@ from jobrunner.machines.models import (
     Machine,
     MachineConfig,
     MachineEvent,
+    Volume,
     WaitState,
 )
 from jobrunner.machines.ratelimit import Limiter
@@ -463,4 +464,39 @@ class MachinesClient:
                 until=until,
                 app=app,
             )
+        )
+
+    # ---- volumes ----
+
+    @_doc(_A.list_volumes)
+    def list_volumes(self, *, app: str | None = None) -> list[Volume]:
+        return self._portal.call(lambda: self._client.list_volumes(app=app))
+
+    @_doc(_A.get_volume)
+    def get_volume(self, volume_id: str, *, app: str | None = None) -> Volume:
+        return self._portal.call(lambda: self._client.get_volume(volume_id, app=app))
+
+    @_doc(_A.create_volume)
+    def create_volume(
+        self,
+        name: str,
+        *,
+        size_gb: int | None = None,
+        region: str | None = None,
+        app: str | None = None,
+    ) -> Volume:
+        return self._portal.call(
+            lambda: self._client.create_volume(name, size_gb=size_gb, region=region, app=app)
+        )
+
+    @_doc(_A.delete_volume)
+    def delete_volume(self, volume_id: str, *, app: str | None = None) -> None:
+        return self._portal.call(lambda: self._client.delete_volume(volume_id, app=app))
+
+    @_doc(_A.resolve_mounts)
+    def resolve_mounts(
+        self, config: MachineConfig, *, app: str, region: str | None = None
+    ) -> MachineConfig:
+        return self._portal.call(
+            lambda: self._client.resolve_mounts(config, app=app, region=region)
         )

@@ -32,6 +32,7 @@ class VolumeEndpoints(ClientBase):
     """List, get, create and delete volumes; resolve volume names in ``config.mounts``."""
 
     async def list_volumes(self, *, app: str | None = None) -> list[Volume]:
+        """The app's volumes (``GET /apps/{app}/volumes``)."""
         app = self._app(app)
         data = await self._json(
             "GET", _volumes_path(app), what="list volumes", action="volumes", scope=app
@@ -39,6 +40,7 @@ class VolumeEndpoints(ClientBase):
         return parse_models(data, Volume, what="list volumes")
 
     async def get_volume(self, volume_id: str, *, app: str | None = None) -> Volume:
+        """One volume by id; ``NotFound`` if the app has no such volume."""
         app = self._app(app)
         data = await self._json(
             "GET", _volumes_path(app, volume_id), what="get volume", action="volumes", scope=app
@@ -49,6 +51,7 @@ class VolumeEndpoints(ClientBase):
         self, name: str, *, size_gb: int | None = None, region: str | None = None,
         app: str | None = None,
     ) -> Volume:  # fmt: skip
+        """Create a volume (not retried on an ambiguous failure: list first to check)."""
         app = self._app(app)
         body = CreateVolumeRequest(name=name, size_gb=size_gb, region=region).to_api()
         data = await self._json(
@@ -63,6 +66,7 @@ class VolumeEndpoints(ClientBase):
         return parse_model(data, Volume, what="create volume")
 
     async def delete_volume(self, volume_id: str, *, app: str | None = None) -> None:
+        """Delete a volume; the API refuses while a machine has it attached."""
         app = self._app(app)
         await self._json(
             "DELETE",
