@@ -55,6 +55,7 @@ from jobrunner.machines.errors import (
     WaitTimeout,
 )
 from jobrunner.machines.models import Machine
+from jobrunner.machines.retry import is_transient
 from jobrunner.outcomes import TERMINAL, AttemptResult, read_outcome
 from jobrunner.spec import Job, JobSpecError
 from jobrunner.store import Attempt, BlobNotFound, Ledger, Run, SqlLedger, Store
@@ -750,6 +751,12 @@ class Runner:
                     found = await self._find_machine(attempt.submit_id, run)
                     if found is not None:
                         return found
+                if is_transient(exc):
+                    # 429, 502, 503, 504 after the client's retries: the API is busy or down,
+                    # the job is fine. The run stays as it was (like a refused connection), for
+                    # the next driver (a worker's next claim, `wait`, `runs reconcile`) to create
+                    # its machine, with the same submit id, so never twice.
+                    raise
                 return AttemptResult("create_failed", reason=str(exc))
             except (UnicodeError, ValueError) as exc:
                 # A config the API cannot even be sent (e.g. text that is not valid UTF-8).

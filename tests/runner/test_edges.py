@@ -14,6 +14,7 @@ from jobrunner.machines.errors import (
     InsufficientCapacity,
     MachinesConnectionError,
     NotFound,
+    RateLimited,
     ServerError,
     WaitTimeout,
 )
@@ -373,3 +374,30 @@ async def test_a_resumed_attempt_never_adopts_a_machine_without_its_submit_id(
     assert finished.state == "succeeded"
     assert store.get_attempts(run.id)[0].machine_id != stranger.id
     assert [line.message for line in store.get_logs(run.id)] == ["mine"]
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_create_refused_for_load_leaves_the_run_for_the_next_driver(
+    runner: Runner,
+    client: AsyncMachinesClient,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+) -> None:
+    """429/502/503/504 after the client's retries say the API is busy, not that the job is
+    wrong: the run must not end create_failed; the next driver creates its one machine."""
+    real_create = runner.client.create_machine
+    error = RateLimited if status == 429 else ServerError
+
+    async def busy(config: Any, **kw: Any) -> Machine:
+        raise error(status_code=status, method="POST", path="/machines", error="busy")
+
+    monkeypatch.setattr(runner.client, "create_machine", busy)
+    run = await runner.submit(py_job(f"busy{status}", "print('ran after all')"))
+    with pytest.raises(error):
+        await runner.drive(run.id)
+    assert store.get_run(run.id).state not in Store.TERMINAL_STATES
+    monkeypatch.setattr(runner.client, "create_machine", real_create)
+    finished = await runner.drive(run.id)
+    assert finished.state == "succeeded"
+    assert len(await machines_of(client, run.id)) == 1
