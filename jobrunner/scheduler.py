@@ -316,7 +316,11 @@ class Scheduler:
             if name in self._schedules:
                 due.append(name)
         report = StepReport()
-        ahead, self._ahead = self._ahead, None
+        ahead = self._ahead
+        if ahead is not None and ahead.moment <= now:
+            self._ahead = None  # used now (or too late to use): prepared once, taken once
+        else:
+            ahead = None  # for a moment still to come: kept until then
         decided: dict[str, datetime] = {}
         if due and ahead is not None:
             taken = await self._record_ahead(ahead, due, now)

@@ -363,3 +363,20 @@ async def test_forbid_is_decided_at_the_tick_even_when_prepared(
     assert ledger.finish_run(first.id, "succeeded")
     await run_preparing(scheduler, clock, 1)
     assert [d[1] for d in decisions(ledger)] == ["fired", "fired"]
+
+
+async def test_a_minute_is_prepared_once_however_often_the_loop_wakes(
+    ledger: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prepared: list[int] = []
+    real = ledger.prepare_fires
+
+    def counted(decisions: list[Any]) -> Any:
+        prepared.append(len(decisions))
+        return real(decisions)
+
+    monkeypatch.setattr(ledger, "prepare_fires", counted)
+    scheduler = await scheduler_for(ledger, clock, job(concurrency="allow"))
+    await run_preparing(scheduler, clock, 120)
+    assert prepared == [1, 1]  # one preparation per tick, not one per wake before it
+    assert [d[1] for d in decisions(ledger)] == ["fired", "fired"]
