@@ -11,6 +11,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -1440,10 +1441,10 @@ class Store:
         """
         prepared = decisions if isinstance(decisions, PreparedFires) else None
         listed = decisions.decisions if isinstance(decisions, PreparedFires) else list(decisions)
-        recorded: list[Fire] = []
+        batches: list[tuple[list[FireDecision], dict[int, tuple[dict[str, Any], list[Any]]] | None]]
+        batches = []
         for start in range(0, max(len(listed), 1), FIRES_PER_TRANSACTION):
             batch = listed[start : start + FIRES_PER_TRANSACTION]
-            last = start + FIRES_PER_TRANSACTION >= len(listed)
             ahead = None
             if prepared is not None:
                 ahead = {
@@ -1451,12 +1452,32 @@ class Store:
                     for i in range(start, start + len(batch))
                     if i in prepared.run_rows
                 }
+            batches.append((batch, ahead))
+
+        def write(batch: list[FireDecision], ahead: Any, advance: bool) -> list[Fire]:
             with self._write() as db:
-                recorded += self._record_fire_batch(db, batch, ahead)
-                if last:
+                fires = self._record_fire_batch(db, batch, ahead)
+                if advance:
                     self._advance_schedules(db, decided_until)
-                if db.dialect.name == "postgresql" and any(f.run_id for f in recorded):
+                if db.dialect.name == "postgresql" and any(f.run_id for f in fires):
                     db.execute(sa.select(sa.func.pg_notify(WAKEUP_CHANNEL, "")))
+            return fires
+
+        *first, (last_batch, last_ahead) = batches
+        recorded: list[Fire] = []
+        if first and self._engine.dialect.name == "postgresql":
+            # Two transactions at a time: the server checks one batch's indexes and foreign
+            # keys on one core while this process sends the next (10,000 fires: about a third
+            # faster). SQLite has one writer, so there they go one after another.
+            with ThreadPoolExecutor(2, thread_name_prefix="jobrunner-fires") as pool:
+                for fires in pool.map(lambda item: write(item[0], item[1], advance=False), first):
+                    recorded += fires
+        else:
+            for batch, ahead in first:
+                recorded += write(batch, ahead, advance=False)
+        # decided_until moves only once every tick before it is recorded (committed above): a
+        # crash in between leaves the ticks undecided, never skipped.
+        recorded += write(last_batch, last_ahead, advance=True)
         return recorded
 
     def _record_fire_batch(
