@@ -31,6 +31,7 @@ from jobrunner.store.errors import (
     StoreConnectionError,
     StoreError,
     StoreIntegrityError,
+    is_sqlite_busy,
 )
 
 __all__ = [
@@ -201,7 +202,7 @@ def map_error(exc: sa_exc.SQLAlchemyError, url: str) -> StoreError:
     if isinstance(exc, sa_exc.IntegrityError):
         return StoreIntegrityError(f"the database refused a write: {detail}")
     if isinstance(exc, sa_exc.OperationalError) and is_sqlite:
-        if "locked" in detail or "busy" in detail:
+        if is_sqlite_busy(detail):
             return StoreBusy(
                 f"the SQLite database {parsed.database!r} stayed locked by another process for "
                 f"more than {SQLITE_BUSY_TIMEOUT_MS // 1000}s ({detail}); retry, or use "

@@ -30,6 +30,7 @@ __all__ = [
     "StoreConnectionError",
     "StoreError",
     "StoreIntegrityError",
+    "is_sqlite_busy",
 ]
 
 
@@ -108,3 +109,9 @@ class BlobNotFound(StoreError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.sha256,))
+
+
+def is_sqlite_busy(message: str) -> bool:
+    """Whether an SQLite error message says another connection holds the database's lock."""
+    text = message.lower()
+    return "locked" in text or "busy" in text

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from jobrunner.store.errors import MigrationError
+from jobrunner.store.errors import MigrationError, is_sqlite_busy
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -101,8 +101,8 @@ def upgrade(engine: Engine, *, revision: str = "head", where: str = "the databas
             _upgrade_locked(engine, target, where)
             return
         except sa.exc.OperationalError as exc:
-            busy = "locked" in str(exc).lower() or "busy" in str(exc).lower()
-            if engine.dialect.name != "sqlite" or not busy or time.monotonic() > deadline:
+            busy = engine.dialect.name == "sqlite" and is_sqlite_busy(str(exc))
+            if not busy or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
 
